@@ -1,0 +1,155 @@
+"""DPO: sequence log-probs, the sigmoid loss and implicit rewards equal the published formulas computed with loops;
+gradients reach only the policy; the Online Merging Optimizer is AdamW when merging is off and follows the
+OnDARE / OnTIES update rules when it is on; bad input fails clearly."""
+import math
+import pytest
+import torch
+from qwen_edu.dpo import OnlineMergingAdamW, dpo_loss, magnitude_mask, sequence_logps, token_logps
+
+
+def test_sequence_logps_matches_loop_and_ignores_masked_labels():
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 4, 6, 13
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    expect = []
+    for b in range(B):
+        s = 0.0
+        for t in range(T):
+            if mask[b, t]:
+                z = logits[b, t].double()
+                s += (z[labels[b, t]] - math.log(sum(math.exp(v) for v in z.tolist()))).item()
+        expect.append(s)
+    labels_pad = torch.where(mask.bool(), labels, torch.full_like(labels, -100))
+    assert torch.allclose(sequence_logps(logits, labels_pad, mask), torch.tensor(expect, dtype=torch.float32), atol=1e-4)
+    assert token_logps(logits.bfloat16(), labels).dtype == torch.float32
+
+
+@pytest.mark.parametrize('beta', [0.1, 0.5])
+def test_dpo_loss_matches_formula(beta):
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(16, generator=g) * 5 for _ in range(4))
+    loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta=beta)
+    expect = sum(math.log1p(math.exp(-beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item())) for i in range(16)) / 16
+    assert abs(loss.item() - expect) < 1e-5
+    assert torch.allclose(cr, beta * (pc - rc)) and torch.allclose(rj, beta * (pr - rr))
+    # equal policy and reference: loss log 2, zero rewards
+    l0, c0, r0 = dpo_loss(pc, pr, pc, pr, beta=beta)
+    assert abs(l0.item() - math.log(2)) < 1e-6 and torch.all(c0 == 0) and torch.all(r0 == 0)
+
+
+def test_gradients_reach_only_the_policy():
+    pc, pr = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    rc, rr = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    loss, cr, rj = dpo_loss(pc, pr, rc, rr)
+    loss.backward()
+    assert rc.grad is None and rr.grad is None and not cr.requires_grad and not rj.requires_grad
+    assert torch.all(pc.grad < 0) and torch.all(pr.grad > 0)  # descent raises chosen, lowers rejected
+
+
+def test_bad_inputs():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match='same shape'): dpo_loss(x, x[:3], x, x)
+    with pytest.raises(ValueError, match='1-D'): dpo_loss(x[None], x[None], x[None], x[None])
+    with pytest.raises(ValueError, match='empty batch'): dpo_loss(*(torch.zeros(0),) * 4)
+    with pytest.raises(ValueError, match=r'expected logits \(B, T, V\)'):
+        sequence_logps(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    base, policy = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    return base, policy
+
+
+def _grad_step(model, opt, x):
+    opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+
+
+def test_online_merging_without_merging_is_adamw():
+    base, a = _models()
+    b = torch.nn.Linear(6, 4); b.load_state_dict(a.state_dict())
+    oa = OnlineMergingAdamW(a.parameters(), lr=3e-2, weight_decay=0.1, reserve_p=1.0, alpha=0.0, eps=1e-8)
+    oa.set_task_vector(a, base)
+    ob = torch.optim.AdamW(b.parameters(), lr=3e-2, weight_decay=0.1, eps=1e-8)
+    x = torch.randn(32, 6)
+    for _ in range(10): _grad_step(a, oa, x); _grad_step(b, ob, x)
+    for p, q in zip(a.parameters(), b.parameters()): assert torch.allclose(p, q, atol=1e-6)
+
+
+def _adam_delta(p, grad, lr, eps=1e-8):
+    # first AdamW step: m = (1-b1) g, v = (1-b2) g^2; bias-corrected update -lr * g / (|g| + eps)
+    return -lr * grad / (grad.abs() + eps)
+
+
+def test_ondare_merges_alpha_tau():
+    base, pol = _models(1)
+    tau = {n: (p - dict(base.named_parameters())[n]).detach().clamp(-1, 1) for n, p in pol.named_parameters()}
+    before = {n: p.detach().clone() for n, p in pol.named_parameters()}
+    opt = OnlineMergingAdamW(pol.parameters(), lr=1e-2, reserve_p=1.0, alpha=0.3)
+    opt.set_task_vector(pol, base)
+    x = torch.randn(8, 6)
+    pol.zero_grad(); pol(x).pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in pol.named_parameters()}
+    opt.step()
+    for n, p in pol.named_parameters():
+        expect = before[n] + 0.3 * tau[n] + 0.7 * _adam_delta(before[n], grads[n], 1e-2)
+        assert torch.allclose(p, expect, atol=1e-6), n
+
+
+def test_ondare_keeps_about_reserve_p_and_rescales():
+    torch.manual_seed(0)
+    lin, base = torch.nn.Linear(300, 100, bias=False), torch.nn.Linear(300, 100, bias=False)
+    w0 = lin.weight.detach().clone()
+    opt = OnlineMergingAdamW(lin.parameters(), lr=1e-3, reserve_p=0.2, alpha=0.0)
+    opt.set_task_vector(lin, base)
+    lin(torch.randn(4, 300)).sum().backward()
+    g = lin.weight.grad.clone(); opt.step()
+    changed = lin.weight != w0
+    assert 0.17 < changed.float().mean().item() < 0.23
+    expect = w0 + _adam_delta(w0, g, 1e-3) / 0.2
+    assert torch.allclose(lin.weight[changed], expect[changed], atol=1e-6)
+
+
+def test_onties_sign_election_and_magnitude_mask():
+    torch.manual_seed(2)
+    base, pol = _models(2)
+    tau = {n: (p - dict(base.named_parameters())[n]).detach() for n, p in pol.named_parameters()}
+    before = {n: p.detach().clone() for n, p in pol.named_parameters()}
+    opt = OnlineMergingAdamW(pol.parameters(), lr=1e-2, mode='onties', reserve_p=0.5, alpha=0.4, clip_val=10.0,
+                             eps=0.05)  # a large eps gives distinct update magnitudes (no top-k ties)
+    opt.set_task_vector(pol, base)
+    pol.zero_grad(); pol(torch.randn(8, 6)).pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in pol.named_parameters()}
+    opt.step()
+    for n, p in pol.named_parameters():
+        t = tau[n].flatten(); k = max(1, int(0.5 * t.numel()))
+        keep_t = torch.zeros_like(t); keep_t[t.abs().argsort(descending=True)[:k]] = 1
+        t = t * keep_t
+        d = _adam_delta(before[n], grads[n], 1e-2, eps=0.05).flatten()
+        keep_d = torch.zeros_like(d); keep_d[d.abs().argsort(descending=True)[:k]] = 1
+        d = d * keep_d
+        upd = torch.zeros_like(t)
+        for i in range(t.numel()):  # elementwise TIES: elect the sign of the sum, drop disagreeing entries
+            s = 1.0 if t[i] + d[i] >= 0 else -1.0
+            ti = t[i] if torch.sign(t[i]) == s else 0.0
+            di = d[i] if torch.sign(d[i]) == s else 0.0
+            upd[i] = 0.4 * ti + 0.6 * di
+        assert torch.allclose(p.flatten(), before[n].flatten() + upd, atol=1e-6), n
+
+
+def test_magnitude_mask():
+    t = torch.tensor([0.1, -5.0, 2.0, -0.3])
+    assert magnitude_mask(t, 0.5).tolist() == [0, 1, 1, 0]
+    assert magnitude_mask(t, 0.01).tolist() == [0, 1, 0, 0] and magnitude_mask(t, 1.0).tolist() == [1, 1, 1, 1]
+
+
+def test_online_merging_errors():
+    base, pol = _models()
+    with pytest.raises(ValueError, match="mode must be"): OnlineMergingAdamW(pol.parameters(), mode='ties')
+    with pytest.raises(ValueError, match='reserve_p'): OnlineMergingAdamW(pol.parameters(), reserve_p=0)
+    opt = OnlineMergingAdamW(pol.parameters())
+    pol(torch.randn(2, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match='set_task_vector'): opt.step()
+    with pytest.raises(ValueError, match='share an architecture'): opt.set_task_vector(pol, torch.nn.Linear(5, 4))

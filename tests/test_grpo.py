@@ -1,0 +1,120 @@
+"""GRPO: group advantages, the clipped k3-KL loss in its three aggregations and the variance ordering equal the
+published formulas computed independently with explicit loops; gradients reach only the policy; bad input fails."""
+import math
+import pytest
+import torch
+from qwen_edu.grpo import LOSS_TYPES, group_advantages, grpo_loss, order_by_reward_variance, reward_variance
+
+
+def loop_advantages(rewards, G, eps=1e-4):
+    out = []
+    for q in range(len(rewards) // G):
+        grp = rewards[q * G:(q + 1) * G]
+        m = sum(grp) / G
+        sd = math.sqrt(sum((r - m) ** 2 for r in grp) / (G - 1))
+        out += [(r - m) / (sd + eps) for r in grp]
+    return out
+
+
+def loop_loss(lp, old, ref, adv, mask, eps, beta, loss_type, max_len):
+    B, T = len(lp), len(lp[0])
+    seq_means, total, n_all = [], 0.0, 0
+    for b in range(B):
+        s, n = 0.0, 0
+        for t in range(T):
+            if not mask[b][t]: continue
+            rho = math.exp(lp[b][t] - old[b][t])
+            clipped = min(max(rho, 1 - eps), 1 + eps)
+            term = -min(rho * adv[b], clipped * adv[b])
+            term += beta * (math.exp(ref[b][t] - lp[b][t]) - (ref[b][t] - lp[b][t]) - 1)
+            s += term; n += 1
+        seq_means.append(s / n if n else 0.0); total += s; n_all += n
+    return {'grpo': sum(seq_means) / B, 'bnpo': total / n_all, 'dr_grpo': total / (B * max_len)}[loss_type]
+
+
+@pytest.mark.parametrize('G', [2, 4, 8])
+def test_group_advantages_match_formula(G):
+    g = torch.Generator().manual_seed(G)
+    r = torch.rand(5 * G, generator=g).round(decimals=1)
+    r[:G] = 1.0  # a group with zero variance gets zero advantages
+    ours = group_advantages(r, G)
+    assert torch.allclose(ours, torch.tensor(loop_advantages(r.tolist(), G)), atol=1e-5)
+    assert torch.all(ours[:G] == 0)
+    assert torch.allclose(ours.view(-1, G).sum(1), torch.zeros(5), atol=1e-4)
+
+
+@pytest.mark.parametrize('loss_type', LOSS_TYPES)
+@pytest.mark.parametrize('beta,eps', [(0.04, 0.2), (0.0, 0.2), (0.5, 0.1)])
+def test_grpo_loss_matches_loops(loss_type, beta, eps):
+    g = torch.Generator().manual_seed(1)
+    B, T = 8, 9
+    lp = torch.randn(B, T, generator=g) * 0.7 - 1.5
+    old = lp + 0.4 * torch.randn(B, T, generator=g)  # ratios well outside [1-eps, 1+eps] on both sides
+    ref = lp + 0.4 * torch.randn(B, T, generator=g)
+    adv = group_advantages(torch.rand(B, generator=g), 4)
+    lengths = torch.tensor([9, 1, 4, 7, 2, 9, 5, 3])
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    max_len = 12
+    ours = grpo_loss(lp, old, ref, adv, mask, epsilon=eps, beta=beta, loss_type=loss_type, max_completion_length=max_len)
+    ref_val = loop_loss(lp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), eps, beta, loss_type, max_len)
+    assert abs(ours.item() - ref_val) < 1e-5
+
+
+def test_dr_grpo_defaults_to_the_padded_length():
+    lp = torch.randn(3, 5); mask = torch.ones(3, 5); mask[0, 3:] = 0
+    adv = torch.randn(3)
+    a = grpo_loss(lp, lp, lp, adv, mask, loss_type='dr_grpo')
+    b = grpo_loss(lp, lp, lp, adv, mask, loss_type='dr_grpo', max_completion_length=5)
+    c = grpo_loss(lp, lp, lp, adv, mask, loss_type='dr_grpo', max_completion_length=10)
+    assert torch.allclose(a, b) and torch.allclose(c, a / 2)
+    assert torch.allclose(a * 15, -(adv[:, None] * mask).sum())
+
+
+def test_ratio_one_and_zero_kl_gives_minus_advantage_per_token():
+    lp = torch.randn(4, 6)
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    mask = torch.ones(4, 6)
+    assert abs(grpo_loss(lp, lp, lp, adv, mask, loss_type='bnpo').item() - (-adv.mean().item())) < 1e-6
+
+
+def test_gradients_reach_only_the_policy():
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(4, 6, generator=g, requires_grad=True)
+    old = (lp.detach() + 0.1).requires_grad_()
+    ref = (lp.detach() - 0.1).requires_grad_()
+    adv = torch.randn(4, generator=g, requires_grad=True)
+    mask = torch.ones(4, 6); mask[1, 4:] = 0
+    grpo_loss(lp, old, ref, adv, mask).backward()
+    assert lp.grad is not None and lp.grad.abs().sum() > 0
+    assert old.grad is None and ref.grad is None and adv.grad is None
+    assert torch.all(lp.grad[1, 4:] == 0)  # padding gets no gradient
+
+
+def test_kl_term_is_k3_and_nonnegative():
+    lp = torch.randn(2, 5)
+    ref = lp + torch.randn(2, 5)
+    zero_adv = torch.zeros(2)
+    loss = grpo_loss(lp, lp, ref, zero_adv, torch.ones(2, 5), beta=1.0, loss_type='bnpo')
+    d = ref - lp
+    assert loss.item() >= 0 and abs(loss.item() - (torch.exp(d) - d - 1).mean().item()) < 1e-6
+
+
+def test_order_by_reward_variance():
+    r = torch.tensor([1., 1, 1, 1, 0, 1, 0, 1, 0, 0, 0, 1])
+    assert torch.allclose(reward_variance(r, 4), torch.tensor([0.0, 1 / 3, 0.25]))
+    assert order_by_reward_variance(['q0', 'q1', 'q2'], r, 4) == ['q1', 'q2', 'q0']
+    with pytest.raises(ValueError, match='2 queries but 3 groups'): order_by_reward_variance(['a', 'b'], r, 4)
+
+
+def test_bad_inputs_fail_clearly():
+    with pytest.raises(ValueError, match='do not split into groups of 8'): group_advantages(torch.ones(12), 8)
+    with pytest.raises(ValueError, match='group_size must be >= 2'): group_advantages(torch.ones(4), 1)
+    with pytest.raises(ValueError, match='must be 1-D'): group_advantages(torch.ones(2, 4), 4)
+    with pytest.raises(ValueError, match='do not split'): reward_variance(torch.ones(5), 4)
+    lp, mask, adv = torch.randn(2, 3), torch.ones(2, 3), torch.zeros(2)
+    with pytest.raises(ValueError, match='all zeros'): grpo_loss(lp, lp, lp, adv, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match='must match'): grpo_loss(lp, lp[:, :2], lp, adv, mask)
+    with pytest.raises(ValueError, match='must match'): grpo_loss(lp, lp, lp, adv, mask[:1])
+    with pytest.raises(ValueError, match=r'advantages must be \(batch,\)'): grpo_loss(lp, lp, lp, torch.zeros(3), mask)
+    with pytest.raises(ValueError, match='loss_type must be one of'): grpo_loss(lp, lp, lp, adv, mask, loss_type='ppo')
+    with pytest.raises(ValueError, match='needs ref_logps'): grpo_loss(lp, lp, None, adv, mask)
