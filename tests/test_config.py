@@ -1,0 +1,118 @@
+"""QwenConfig presets and parameter/FLOP counts, checked against the real modules on the meta device."""
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from qwen_edu.config import QwenConfig, PRESETS, QWEN25_SIZES
+from qwen_edu.model import QwenForCausalLM
+
+# exact parameter counts of the released checkpoints
+RELEASED = {'qwen2.5-0.5b': 494_032_768, 'qwen2.5-1.5b': 1_543_714_304, 'qwen2.5-3b': 3_085_938_688,
+            'qwen2.5-7b': 7_615_616_512, 'qwen2.5-14b': 14_770_033_664, 'qwen2.5-32b': 32_763_876_352,
+            'qwen2.5-72b': 72_706_203_648}
+# released config.json: hidden, layers, q heads, kv heads, intermediate, vocab, tied
+RELEASED_SHAPES = {'qwen2.5-0.5b': (896, 24, 14, 2, 4864, 151936, True),
+                   'qwen2.5-1.5b': (1536, 28, 12, 2, 8960, 151936, True),
+                   'qwen2.5-3b': (2048, 36, 16, 2, 11008, 151936, True),
+                   'qwen2.5-7b': (3584, 28, 28, 4, 18944, 152064, False),
+                   'qwen2.5-14b': (5120, 48, 40, 8, 13824, 152064, False),
+                   'qwen2.5-32b': (5120, 64, 40, 8, 27648, 152064, False),
+                   'qwen2.5-72b': (8192, 80, 64, 8, 29568, 152064, False)}
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_presets_are_the_released_shapes():
+    assert QWEN25_SIZES == list(RELEASED_SHAPES)
+    for name, shape in RELEASED_SHAPES.items():
+        c = QwenConfig.from_preset(name)
+        assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                c.intermediate_size, c.vocab_size, c.tie_word_embeddings) == shape
+        assert (c.rope_theta, c.rms_norm_eps, c.head_dim) == (1e6, 1e-6, c.hidden_size // c.num_attention_heads)
+        assert c.max_position_embeddings in (32768, 131072)
+
+
+@pytest.mark.parametrize('name', list(RELEASED))
+def test_param_counts_match_released_models(name):
+    c = QwenConfig.from_preset(name)
+    assert c.num_params() == RELEASED[name]
+    with torch.device('meta'): m = QwenForCausalLM(c)
+    assert n_params(m) == RELEASED[name]
+
+
+@pytest.mark.parametrize('name', ['qwen2.5-0.5b', 'qwen2.5-7b', 'qwen2.5-14b', 'edu-tiny'])
+def test_param_counts_match_transformers_on_meta(name):
+    c = QwenConfig.from_preset(name)
+    hc = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                     num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                     num_key_value_heads=c.num_key_value_heads, tie_word_embeddings=c.tie_word_embeddings)
+    with torch.device('meta'): hf = Qwen2ForCausalLM(hc)
+    assert n_params(hf) == c.num_params()
+
+
+def test_every_preset_counts_on_meta_and_edu_sizes():
+    for name in PRESETS:
+        c = QwenConfig.from_preset(name)
+        with torch.device('meta'): m = QwenForCausalLM(c)
+        assert n_params(m) == c.num_params() == c.num_active_params(), name
+    assert 2e6 < QwenConfig.from_preset('edu-tiny').num_params() < 8e6
+    assert 20e6 < QwenConfig.from_preset('edu-small').num_params() < 30e6
+    assert 110e6 < QwenConfig.from_preset('edu-base').num_params() < 140e6
+    assert QwenConfig.from_preset('edu-tiny').vocab_size == 8192
+
+
+def test_non_embedding_counts():
+    c = QwenConfig.from_preset('qwen2.5-7b')
+    assert c.num_params() - c.num_params(non_embedding=True) == 2 * 152064 * 3584
+    c = QwenConfig.from_preset('qwen2.5-0.5b')
+    assert c.num_params() - c.num_params(non_embedding=True) == 151936 * 896
+    assert round(c.num_params(non_embedding=True) / 1e9, 2) == 0.36
+
+
+def test_flops_per_token():
+    c = QwenConfig.from_preset('edu-tiny')
+    n_matmul = c.num_params(non_embedding=True) + c.vocab_size * c.hidden_size  # head counts, lookup does not
+    attn = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 256
+    assert c.flops_per_token(256) == 6 * n_matmul + attn
+    assert c.flops_per_token(512) > c.flops_per_token(256)
+
+
+def test_moe_counting_and_sparse_layers():
+    # Qwen1.5-MoE-A2.7B shape: 14.3B total, 2.7B active (counts from the config alone)
+    c = QwenConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                   num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False, num_experts=60,
+                   num_experts_per_tok=4, moe_intermediate_size=1408, shared_expert_intermediate_size=5632)
+    assert round(c.num_params() / 1e9, 1) == 14.3
+    assert round(c.num_active_params() / 1e9, 1) == 2.7
+    c2 = QwenConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, num_hidden_layers=6,
+                    decoder_sparse_step=2, mlp_only_layers=[3])
+    assert [c2.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
+    assert not QwenConfig().is_moe_layer(0)
+
+
+def test_overrides_and_roundtrip():
+    c = QwenConfig.from_preset('edu-tiny', num_hidden_layers=2, rope_theta=1e6)
+    assert (c.num_hidden_layers, c.rope_theta) == (2, 1e6)
+    assert QwenConfig(**c.to_dict()) == c
+    c = QwenConfig(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    assert c.rope_scaling['rope_type'] == c.rope_scaling['type'] == 'yarn'
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(hidden_size=100, num_attention_heads=14), 'divisible by num_attention_heads'),
+    (dict(num_attention_heads=14, num_key_value_heads=4), 'divisible by\nnum_key_value_heads|num_key_value_heads'),
+    (dict(num_hidden_layers=0), 'num_hidden_layers must be a positive int'),
+    (dict(vocab_size=1.5), 'vocab_size must be a positive int'),
+    (dict(rope_scaling={"type": "yarn"}), 'factor'),
+    (dict(rope_scaling={"type": "longrope", "factor": 2.0}), 'not supported'),
+    (dict(num_experts=4, num_experts_per_tok=5), 'num_experts_per_tok'),
+    (dict(dual_chunk_attention_config={"chunk_size": 8, "local_size": 8}), 'local_size < chunk_size'),
+])
+def test_bad_configs_raise_clear_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg): QwenConfig(**kw)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match='unknown preset'): QwenConfig.from_preset('qwen2.5-8b')
+    with pytest.raises(ValueError, match='unknown config fields'): QwenConfig.from_preset('edu-tiny', hiden_size=8)

@@ -1,0 +1,257 @@
+"""Parity of qwen_edu.model.QwenForCausalLM with transformers' Qwen2ForCausalLM (random tiny models, no downloads),
+KV-cache decoding, padding, loss, and bad-input errors."""
+import math
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from qwen_edu.config import QwenConfig
+from qwen_edu.model import QwenForCausalLM, KVCache, default_position_ids
+
+
+def hf_config(cfg: QwenConfig, attn='eager'):
+    rp = dict(rope_type='default', rope_theta=cfg.rope_theta)
+    if cfg.rope_scaling is not None:
+        rp = {k: v for k, v in cfg.rope_scaling.items() if k != 'type'} | dict(rope_theta=cfg.rope_theta)
+    return Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                       num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+                       rope_parameters=rp, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+                       attn_implementation=attn)
+
+
+def twins(cfg, seed=0, attn='eager'):
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(hf_config(cfg, attn)).eval()
+    # larger-than-default weights so that differences are not hidden by tiny activations
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith('bias'): p.normal_(0, 0.1)
+            elif 'norm' in n: p.uniform_(0.5, 1.5)
+            else: p.normal_(0, 0.08)
+    ours = QwenForCausalLM(cfg).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+CONFIGS = {
+    'tied_gqa2_theta1e4': dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True),
+    'untied_mha_theta1e6': dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                                num_attention_heads=3, num_key_value_heads=3, rope_theta=1e6, tie_word_embeddings=False),
+    'gqa7_odd_sizes': dict(vocab_size=77, hidden_size=56, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=7, num_key_value_heads=1, rope_theta=1e6, tie_word_embeddings=True),
+    'yarn_untied': dict(vocab_size=90, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, rope_theta=1e4, tie_word_embeddings=False,
+                        max_position_embeddings=256,
+                        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+def make(name):
+    return QwenConfig(**{'max_position_embeddings': 128, **CONFIGS[name]})
+
+
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_logits_and_loss_match_transformers(name):
+    cfg = make(name)
+    hf, ours = twins(cfg)
+    assert list(ours.state_dict()) == list(hf.state_dict())
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (3, 29))
+    labels = ids.clone(); labels[:, :4] = -100; labels[1, 10:] = -100
+    with torch.no_grad():
+        a, b = ours(ids, labels=labels), hf(ids, labels=labels)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=0)
+        ours.set_attn_implementation('eager')
+        torch.testing.assert_close(ours(ids).logits, b.logits, atol=1e-5, rtol=0)
+
+
+def test_long_positions_with_yarn_beyond_original_length():
+    cfg = make('yarn_untied')
+    hf, ours = twins(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 200))  # beyond original_max_position_embeddings=64
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['tied_gqa2_theta1e4', 'gqa7_odd_sizes'])
+def test_left_padding_and_position_ids_match_transformers(name):
+    cfg = make(name)
+    hf, ours = twins(cfg)
+    torch.manual_seed(2)
+    ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    am = torch.ones(3, 17, dtype=torch.long); am[0, :5] = 0; am[2, :1] = 0
+    pos = default_position_ids(am, 17, 0, 'cpu')
+    # labels only where the token and the one before it are real: the logits of padding positions are not
+    # defined (transformers' eager and sdpa paths disagree there), so a real label must not be predicted from one
+    labels = ids.masked_fill(am == 0, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(am[:, :-1] == 0, -100)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=am, position_ids=pos, labels=labels)
+        b = hf(ids, attention_mask=am, position_ids=pos, labels=labels)
+    real = am.bool()
+    torch.testing.assert_close(a.logits[real], b.logits[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=0)
+    assert torch.isfinite(a.logits).all()  # fully padded query rows stay finite
+    # default positions (from the mask) equal the explicit ones
+    with torch.no_grad(): torch.testing.assert_close(ours(ids, attention_mask=am).logits, a.logits)
+    # a left-padded row equals the same sequence without padding
+    with torch.no_grad(): torch.testing.assert_close(a.logits[0, 5:], ours(ids[:1, 5:]).logits[0], atol=1e-5, rtol=0)
+
+
+def test_explicit_position_ids_offset_match_transformers():
+    cfg = make('untied_mha_theta1e6')
+    hf, ours = twins(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    pos = torch.arange(9)[None] + 40
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, position_ids=pos).logits, hf(ids, position_ids=pos).logits, atol=1e-5, rtol=0)
+
+
+def test_sdpa_transformers_parity():
+    cfg = make('tied_gqa2_theta1e4')
+    hf, ours = twins(cfg, attn='sdpa')
+    ids = torch.randint(0, cfg.vocab_size, (2, 21))
+    with torch.no_grad(): torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_gradients_match_transformers():
+    cfg = make('tied_gqa2_theta1e4')
+    hf, ours = twins(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 13))
+    ours(ids, labels=ids).loss.backward(); hf(ids, labels=ids).loss.backward()
+    g_hf = {n: p.grad for n, p in hf.named_parameters()}
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, g_hf[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize('name', ['tied_gqa2_theta1e4', 'gqa7_odd_sizes', 'yarn_untied'])
+def test_incremental_decoding_equals_full_forward(name):
+    cfg = make(name)
+    _, ours = twins(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 15))
+    with torch.no_grad():
+        full = ours(ids).logits
+        out = ours(ids[:, :6], use_cache=True)
+        parts = [out.logits]
+        # a chunk of 3 (explicit causal mask with offset), then single tokens
+        out = ours(ids[:, 6:9], past_key_values=out.past_key_values, use_cache=True); parts.append(out.logits)
+        for t in range(9, 15):
+            out = ours(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True); parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+    assert out.past_key_values.seq_len == 15
+
+
+def test_cache_with_left_padding_matches_transformers_generate_style():
+    cfg = make('tied_gqa2_theta1e4')
+    hf, ours = twins(cfg)
+    ids = torch.randint(1, cfg.vocab_size, (2, 12))
+    am = torch.ones(2, 12, dtype=torch.long); am[1, :4] = 0
+    with torch.no_grad():
+        full = ours(ids, attention_mask=am).logits
+        cache = KVCache(max_len=12)
+        out = ours(ids[:, :7], attention_mask=am[:, :7], past_key_values=cache, use_cache=True)
+        parts = [out.logits]
+        for t in range(7, 12):
+            out = ours(ids[:, t:t + 1], attention_mask=am[:, :t + 1], past_key_values=cache, use_cache=True)
+            parts.append(out.logits)
+        assert out.past_key_values is cache
+        hf_full = hf(ids, attention_mask=am, position_ids=default_position_ids(am, 12, 0, 'cpu')).logits
+    got = torch.cat(parts, 1)
+    torch.testing.assert_close(got[am.bool()], full[am.bool()], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[am.bool()], hf_full[am.bool()], atol=1e-5, rtol=0)
+
+
+def test_cache_grows_and_selects():
+    cfg = make('tied_gqa2_theta1e4')
+    _, ours = twins(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 10))
+    cache = KVCache(max_len=2)  # forces growth
+    with torch.no_grad():
+        full = ours(ids).logits
+        ours(ids[:, :4], past_key_values=cache, use_cache=True)
+        cache.select(torch.tensor([2, 0]))
+        out = ours(ids[[2, 0], 4:], past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(out.logits, full[[2, 0], 4:], atol=1e-5, rtol=0)
+
+
+def test_tied_head_shares_the_embedding():
+    ours = QwenForCausalLM(make('tied_gqa2_theta1e4'))
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert 'lm_head.weight' in ours.state_dict()
+    untied = QwenForCausalLM(make('untied_mha_theta1e6'))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_init_like_transformers():
+    cfg = QwenConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
+    torch.manual_seed(0)
+    m = QwenForCausalLM(cfg)
+    for n, p in m.named_parameters():
+        if n.endswith('bias'): assert (p == 0).all(), n
+        elif 'norm' in n: assert (p == 1).all(), n
+        else: assert abs(p.std().item() - 0.05) < 0.01 and abs(p.mean().item()) < 0.01, n
+
+
+def test_meta_device_construction_counts_every_preset():
+    from qwen_edu.config import PRESETS
+    for name in PRESETS:
+        cfg = QwenConfig.from_preset(name)
+        with torch.device('meta'): m = QwenForCausalLM(cfg)
+        assert sum(p.numel() for p in m.parameters()) == cfg.num_params(), name
+
+
+def test_dual_chunk_attention_model_equals_plain_within_one_chunk_and_decodes():
+    cfg = make('tied_gqa2_theta1e4')
+    _, plain = twins(cfg)
+    dca_cfg = QwenConfig(**{**cfg.to_dict(), 'dual_chunk_attention_config': {'chunk_size': 24, 'local_size': 4}})
+    dca = QwenForCausalLM(dca_cfg).eval(); dca.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(dca(ids[:, :20]).logits, plain(ids[:, :20]).logits, atol=1e-5, rtol=0)
+        full = dca(ids).logits
+        assert (full - plain(ids).logits).abs().max() > 1e-3  # differs beyond one chunk (Lc = 20)
+        out = dca(ids[:, :25], use_cache=True); parts = [out.logits]
+        for t in range(25, 40):
+            out = dca(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True); parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.fixture(scope='module')
+def small():
+    return QwenForCausalLM(make('tied_gqa2_theta1e4')).eval()
+
+
+def test_float_input_ids_are_a_type_error(small):
+    with pytest.raises(TypeError, match='integer tensor'): small(torch.zeros(1, 4))
+    with pytest.raises(TypeError, match='torch.Tensor'): small([[1, 2, 3]])
+
+
+def test_out_of_range_ids(small):
+    with pytest.raises(ValueError, match=r'token ids must be in \[0, 101\)'): small(torch.tensor([[1, 101]]))
+    with pytest.raises(ValueError, match='min -1'): small(torch.tensor([[-1, 3]]))
+
+
+def test_too_long_sequence(small):
+    with pytest.raises(ValueError, match='exceeds max_position_embeddings'): small(torch.zeros(1, 129, dtype=torch.long))
+    cache = KVCache()
+    with torch.no_grad(): small(torch.zeros(1, 128, dtype=torch.long), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match='cached 128'): small(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+def test_shape_errors(small):
+    with pytest.raises(ValueError, match='batch, seq_len'): small(torch.zeros(4, dtype=torch.long))
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match='labels shape'): small(ids, labels=ids[:, :3])
+    with pytest.raises(ValueError, match='attention_mask must be'): small(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match='position_ids must be'): small(ids, position_ids=torch.arange(4))
+
+
+def test_tensors_on_different_devices(small):
+    ids = torch.zeros(1, 4, dtype=torch.long, device='meta')
+    with pytest.raises(ValueError, match='is on meta but the model is on cpu'): small(ids)
+    with pytest.raises(ValueError, match='labels is on meta'):
+        small(torch.zeros(1, 4, dtype=torch.long), labels=ids)
