@@ -1,0 +1,176 @@
+"""Parity of qwen_edu.tokenizer with tiktoken, Hugging Face tokenizers and transformers; trainer and bad-input tests."""
+import json, random, unicodedata
+from pathlib import Path
+import pytest
+import regex
+from qwen_edu.tokenizer import (BPETokenizer, PATTERN, QWEN_SPECIAL_TOKENS, count_pretokens, split_pretokens,
+                                stdlib_corpus, train_bpe_fast, train_bpe_slow, _PRETOKEN_RE)
+
+tiktoken = pytest.importorskip('tiktoken')
+tokenizers = pytest.importorskip('tokenizers')
+
+MULTI = """Hello world, 你好世界! Привет, мир — как дела? مرحبا بالعالم، كيف حالك؟ नमस्ते दुनिया, आप कैसे हैं?
+สวัสดีชาวโลก ภาษาไทยไม่มีการเว้นวรรคระหว่างคำ こんにちは世界、カタカナとひらがな。 안녕하세요 세계
+Γειά σου Κόσμε · שלום עולם · Բարեւ աշխարհ · გამარჯობა · ሰላም ልዑል · ⠓⠑⠇⠇⠕ · ᚠᚢᚦᚨᚱᚲ
+Emoji: 👩‍👩‍👧‍👦 👨🏽‍💻 🏳️‍🌈 ❤️‍🔥 🇯🇵🇫🇷 1️⃣ #️⃣ 🧑🏿‍🤝‍🧑🏻 😀😃😄
+Combining: e\u0301 a\u0308 n\u0303 q\u0307\u0323 ậ Z̴̡̪̫͇͚̆̂ͥ̾ͬ a\u20dd \u0915\u094d\u0937
+CRLF lines\r\nsecond\r\n\r\n  indented\r\n\ttab\x0bvt\x0cff\x1cfs\x1fus\x85nel\xa0nbsp\u2028ls\u3000ideo
+Whitespace runs:          end     \n\n\n\n      \t\t\t   x
+Numbers: 1234567890 3.14159 -42 1e-10 0x1F ٣٤٥ ½ Ⅻ ①②③ ２０２５年
+Code: def f(x: int) -> int:\n    return x ** 2  # it's I'LL we've they'd\n\nclass A(B): pass;;; {}[]()<>!=
+URLs https://example.com/a?b=c&d=e#frag mail@example.org C:\\Users\\x\\file.txt
+"Quotes" 'single' «guillemets» „German“ 「Japanese」 — en–dash … ellipsis ‰ ∑∫√∞ ≠ ≤ ≥
+"""
+
+
+@pytest.fixture(scope='module')
+def qwen():
+    return BPETokenizer.from_tiktoken()
+
+
+@pytest.fixture(scope='module')
+def enc(qwen):
+    return tiktoken.Encoding(name='qwen', pat_str=PATTERN, special_tokens=QWEN_SPECIAL_TOKENS,
+                             mergeable_ranks={b: i for i, b in enumerate(qwen.token_bytes)})
+
+
+@pytest.fixture(scope='module')
+def corpus():
+    "~2.5 MB: standard-library source, the pydoc topics, and many scripts (NFC-normalised: Qwen normalises, tiktoken does not)."
+    from pydoc_data.topics import topics
+    rnd = random.Random(0)
+    lines = MULTI.splitlines(keepends=True)
+    shuffled = ''.join(rnd.choice(lines) for _ in range(3000))
+    text = stdlib_corpus(2_000_000) + '\n'.join(topics[k] for k in sorted(topics)) + MULTI * 20 + shuffled
+    return unicodedata.normalize('NFC', text)
+
+
+def test_reference_ids(qwen):
+    assert qwen.encode('Hello world, 你好世界') == [9707, 1879, 11, 220, 108386, 99489]
+    assert qwen.vocab_size == 151665 and len(qwen.token_bytes) == 151643
+    assert qwen.special_tokens == QWEN_SPECIAL_TOKENS and qwen.eos_id == 151643
+    assert list(QWEN_SPECIAL_TOKENS.values()) == list(range(151643, 151665))
+
+
+def test_tiktoken_parity_large_corpus(qwen, enc, corpus):
+    assert qwen.encode(corpus) == enc.encode_ordinary(corpus)
+    assert qwen.decode(qwen.encode(corpus)) == corpus
+
+
+def test_tiktoken_parity_per_line_and_specials(qwen, enc):
+    for line in unicodedata.normalize('NFC', MULTI).splitlines(keepends=True):
+        assert qwen.encode(line) == enc.encode_ordinary(line), line
+    s = '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{}\n</tool_call><|endoftext|>'
+    assert qwen.encode(s, allowed_special='all') == enc.encode(s, allowed_special='all')
+    assert qwen.encode(s, disallowed_special=()) == enc.encode(s, disallowed_special=())
+
+
+def test_nfc_is_applied(qwen):
+    assert qwen.encode('cafe\u0301') == qwen.encode('caf\u00e9')
+    assert qwen.decode(qwen.encode('cafe\u0301')) == 'caf\u00e9'
+
+
+def test_split_pretokens_matches_regex():
+    rnd = random.Random(1)
+    alphabet = list(" \n\n\r\t\x0b\x0c\x1c\x85\xa0\u3000\u2028\u2029aZz09'sSlLdD.#(-_éü你😀\u0301٣")
+    for _ in range(5000):
+        s = ''.join(rnd.choice(alphabet) for _ in range(rnd.randrange(1, 60)))
+        assert split_pretokens(s) == _PRETOKEN_RE.findall(s), repr(s)
+    big = stdlib_corpus(1_000_000) + MULTI
+    assert split_pretokens(big) == regex.findall(PATTERN, big)
+
+
+def test_fast_trainer_equals_slow_reference():
+    from pydoc_data.topics import topics
+    text = '\n'.join(topics[k] for k in sorted(topics))[:60_000] + MULTI
+    counts = count_pretokens(text)
+    assert train_bpe_fast(counts, 300) == train_bpe_slow(counts, 300)
+    for wc in [{'aaaaaaaaa': 5, 'aa': 1, 'aaa': 2}, {'abab': 3, 'baba': 3, 'ab': 1},
+               count_pretokens('ab bc abc cab bca abcabc ' * 4 + 'xxyxxyxxy yyx ' * 3)]:
+        assert train_bpe_fast(wc, 60) == train_bpe_slow(wc, 60)
+
+
+def test_train_api_and_tie_rule():
+    tok = BPETokenizer.train(['aab aab', 'ab'], 257)
+    a, b = (tok.token_bytes.index(bytes([c])) for c in b'ab')
+    assert tok.merges == [(a, b, 256)]  # 'ab' (3 times) beats 'aa' (2 times)
+    tok2 = BPETokenizer.train('ba ab', 257)  # both pairs once: the smaller (left id, right id) wins
+    assert tok2.merges[0][:2] == min((a, b), (b, a))
+    tok3 = BPETokenizer.train('x<|endoftext|>y' * 10, 300, special_tokens=['<|endoftext|>'])
+    assert tok3.vocab_size <= 300 and tok3.special_tokens == {'<|endoftext|>': len(tok3.token_bytes)}
+    assert not any(b'<|' in t for t in tok3.token_bytes[256:])  # special strings are not learned
+
+
+@pytest.fixture(scope='module')
+def trained():
+    text = stdlib_corpus(300_000)
+    return BPETokenizer.train(text, 2000, special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'])
+
+
+def test_save_hf_roundtrip_tokenizers_and_transformers(trained, tmp_path):
+    trained.save_hf(tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / 'tokenizer.json'))
+    probe = unicodedata.normalize('NFC', stdlib_corpus(400_000)[300_000:] + MULTI)
+    assert hf.encode(probe).ids == trained.encode(probe)
+    assert hf.decode(trained.encode(probe)) == probe
+    s = 'a<|im_start|>b<|endoftext|>'
+    assert hf.encode(s).ids == trained.encode(s, allowed_special='all')
+    assert hf.get_vocab_size() == trained.vocab_size
+    transformers = pytest.importorskip('transformers')
+    ft = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert ft(probe[:20_000])['input_ids'] == trained.encode(probe[:20_000])
+    back = BPETokenizer.from_hf(tmp_path)
+    assert back.encode(probe) == trained.encode(probe) and back.special_tokens == trained.special_tokens
+
+
+def test_real_vocab_as_hf_files_matches_tiktoken(qwen, enc, corpus, tmp_path):
+    qwen.save_hf(tmp_path)  # merges recovered from the ranks
+    assert len(qwen.get_merges()) == 151643 - 256
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / 'tokenizer.json'))
+    part = corpus[:600_000] + corpus[-200_000:]
+    assert hf.encode(part).ids == enc.encode_ordinary(part)
+    assert hf.encode('<|im_start|>x<|im_end|>').ids == [151644, 87, 151645]
+    # from_hf: tokenizer.json, and the older vocab.json + merges.txt layout
+    tj = json.loads((tmp_path / 'tokenizer.json').read_text())
+    old = tmp_path / 'old'; old.mkdir()
+    (old / 'vocab.json').write_text(json.dumps(tj['model']['vocab'], ensure_ascii=False))
+    (old / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(tj['model']['merges']) + '\n')
+    (old / 'tokenizer_config.json').write_text(json.dumps({'added_tokens_decoder': {
+        str(i): {'content': s, 'special': True} for s, i in QWEN_SPECIAL_TOKENS.items()}}))
+    for path in [tmp_path, old]:
+        t = BPETokenizer.from_hf(path)
+        assert t.encode(part) == enc.encode_ordinary(part)
+        assert t.encode('<|im_end|>', allowed_special='all') == [151645]
+
+
+def test_bad_input_errors(qwen, trained, tmp_path):
+    with pytest.raises(TypeError, match='expects a str'): qwen.encode(b'bytes')
+    with pytest.raises(TypeError, match='expects a str'): qwen.encode(None)
+    with pytest.raises(ValueError, match="disallowed special token '<|im_end|>'"): qwen.encode('x<|im_end|>')
+    with pytest.raises(ValueError, match='unknown special'): qwen.encode('x', allowed_special={'<|bogus|>'})
+    with pytest.raises(ValueError, match='ints in 0..151664'): qwen.decode([1, 151665])
+    with pytest.raises(ValueError, match='cannot decode id -1'): qwen.decode([-1])
+    with pytest.raises(ValueError, match='cannot decode id'): qwen.decode([1.5])
+    with pytest.raises(ValueError, match='vocab_size must be'): BPETokenizer.train('abc', 100)
+    with pytest.raises(TypeError, match='must be str'): BPETokenizer.train([b'abc'], 300)
+    with pytest.raises(FileNotFoundError): BPETokenizer.from_tiktoken(tmp_path / 'missing.tiktoken')
+    with pytest.raises(FileNotFoundError): BPETokenizer.from_hf(tmp_path / 'nothing')
+    bad = tmp_path / 'bad.tiktoken'; bad.write_text('not-a-line\n')
+    with pytest.raises(ValueError, match='expected'): BPETokenizer.from_tiktoken(bad)
+
+
+def test_specials_encode_plain_when_asked(qwen):
+    s = 'a <|im_end|> b'
+    plain = qwen.encode(s, disallowed_special=())
+    assert 151645 not in plain and qwen.decode(plain) == s
+    assert qwen.encode(s, allowed_special={'<|im_end|>'}).count(151645) == 1
+    assert qwen.decode([151644, 151645]) == '<|im_start|><|im_end|>'
+
+
+def test_partial_utf8_and_batch(qwen):
+    ids = qwen.encode('€')  # 3 bytes
+    raw = qwen.decode_bytes(ids)
+    assert raw == '€'.encode() and qwen.decode(ids[:0]) == ''
+    assert qwen.encode_batch(['a', 'b c']) == [qwen.encode('a'), qwen.encode('b c')]
+    import numpy as np
+    assert qwen.decode(np.array(qwen.encode('numpy ids'))) == 'numpy ids'
