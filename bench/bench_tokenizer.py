@@ -1,0 +1,141 @@
+"""Tokenizer benchmark: qwen_edu.tokenizer against tiktoken and Hugging Face tokenizers, in the same run.
+
+    python bench/bench_tokenizer.py [--mb 10] [--repeats 5] [--out bench/results_tokenizer.md]
+
+1. Encoding throughput with the real Qwen2.5 vocabulary (qwen.tiktoken) on ~10 MB of Python standard-library
+   source, single thread: ours with an empty pre-token cache ("cold", a fresh tokenizer each repeat) and with the
+   cache filled by a previous call ("warm"), tiktoken `encode_ordinary`, and `tokenizers` (same vocabulary written
+   by `save_hf`, RAYON_NUM_THREADS=1). All outputs are checked identical.
+2. BPE training to vocab 8,192 on the same text: ours (pre-token counting + numba merges, one thread) against
+   `tokenizers`' BpeTrainer with the same normalizer / pre-tokenizer, run in subprocesses with RAYON_NUM_THREADS=1
+   and 2 (the variable must be set before `tokenizers` is imported).
+3. The fast trainer's merges equal the slow reference's on a sample small enough for the reference.
+Repeats are interleaved; medians are reported.
+"""
+import os
+os.environ.setdefault('RAYON_NUM_THREADS', '1')
+os.environ.setdefault('NUMBA_NUM_THREADS', '1')
+import argparse, json, platform, statistics, subprocess, sys, tempfile, time, unicodedata
+from pathlib import Path
+
+from qwen_edu.tokenizer import (BPETokenizer, PATTERN, QWEN_SPECIAL_TOKENS, _SAFE_CUT, count_pretokens, stdlib_corpus,
+                                train_bpe_fast, train_bpe_slow)
+
+HF_TRAIN = r'''
+import json, sys, time
+from tokenizers import Tokenizer, Regex, models, normalizers, pre_tokenizers, decoders, trainers
+sys.path.insert(0, {root!r})
+chunks = json.load(open({chunks!r}))
+tok = Tokenizer(models.BPE())
+tok.normalizer = normalizers.NFC()
+tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex({pattern!r}), behavior='isolated'),
+                                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+tok.decoder = decoders.ByteLevel()
+trainer = trainers.BpeTrainer(vocab_size={vocab}, show_progress=False, min_frequency=0,
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+t0 = time.perf_counter(); tok.train_from_iterator(chunks, trainer=trainer); dt = time.perf_counter() - t0
+v = tok.get_vocab()
+print(json.dumps({{'time': dt, 'vocab': len(v), 'tokens': sorted(v)}}))
+'''
+
+
+def safe_chunks(text: str, size: int = 20_000) -> list[str]:
+    "Cut `text` into ~size pieces at points where no pre-token can cross (newline followed by non-space)."
+    out, start = [], 0
+    while start < len(text):
+        m = _SAFE_CUT.search(text, start + size)
+        end = len(text) if m is None else m.end()
+        out.append(text[start:end]); start = end
+    return out
+
+
+def hf_train(chunks_path, vocab, threads):
+    code = HF_TRAIN.format(root=str(Path(__file__).parents[1]), chunks=str(chunks_path), pattern=PATTERN, vocab=vocab)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)
+
+
+def timed(f):
+    t0 = time.perf_counter(); r = f(); return time.perf_counter() - t0, r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--mb', type=float, default=10.0)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--vocab', type=int, default=8192)
+    p.add_argument('--out', default=str(Path(__file__).with_name('results_tokenizer.md')))
+    a = p.parse_args(argv)
+    import tiktoken, tokenizers
+    text = unicodedata.normalize('NFC', stdlib_corpus(int(a.mb * 1e6)))
+    nbytes = len(text.encode())
+    print(f'corpus: {nbytes / 1e6:.2f} MB of stdlib source, {os.cpu_count()} CPUs, python {platform.python_version()}')
+
+    # ---- 1. encoding ----
+    qwen = BPETokenizer.from_tiktoken()
+    enc = tiktoken.Encoding(name='qwen', pat_str=PATTERN, special_tokens=QWEN_SPECIAL_TOKENS,
+                            mergeable_ranks={b: i for i, b in enumerate(qwen.token_bytes)})
+    with tempfile.TemporaryDirectory() as d:
+        qwen.save_hf(d); hf = tokenizers.Tokenizer.from_file(f'{d}/tokenizer.json')
+    ref = enc.encode_ordinary(text)
+    qwen.encode('warm up numba')
+    times = {'ours (cold cache)': [], 'ours (warm cache)': [], 'tiktoken': [], 'tokenizers (1 thread)': []}
+    for r in range(a.repeats):
+        qwen._cache.clear()
+        t, ids = timed(lambda: qwen.encode(text)); assert ids == ref; times['ours (cold cache)'].append(t)
+        t, ids = timed(lambda: qwen.encode(text)); assert ids == ref; times['ours (warm cache)'].append(t)
+        t, ids = timed(lambda: enc.encode_ordinary(text)); times['tiktoken'].append(t)
+        t, e = timed(lambda: hf.encode(text, add_special_tokens=False)); assert e.ids == ref; times['tokenizers (1 thread)'].append(t)
+        print(f'  encode repeat {r}: ' + ', '.join(f'{k} {v[-1]:.2f}s' for k, v in times.items()))
+    enc_med = {k: statistics.median(v) for k, v in times.items()}
+
+    # ---- 2. training ----
+    chunks = safe_chunks(text)
+    assert ''.join(chunks) == text
+    train_bpe_fast(count_pretokens(chunks[:2]), 50)  # compile / load the numba cache outside the timing
+    ttimes = {'ours (1 thread)': [], 'tokenizers BpeTrainer (1 thread)': [], 'tokenizers BpeTrainer (2 threads)': []}
+    with tempfile.TemporaryDirectory() as d:
+        cp = Path(d) / 'chunks.json'; cp.write_text(json.dumps(chunks))
+        for r in range(a.repeats):
+            t, ours = timed(lambda: BPETokenizer.train(chunks, a.vocab)); ttimes['ours (1 thread)'].append(t)
+            h1 = hf_train(cp, a.vocab, 1); ttimes['tokenizers BpeTrainer (1 thread)'].append(h1['time'])
+            h2 = hf_train(cp, a.vocab, 2); ttimes['tokenizers BpeTrainer (2 threads)'].append(h2['time'])
+            print(f'  train repeat {r}: ' + ', '.join(f'{k} {v[-1]:.2f}s' for k, v in ttimes.items()))
+    tr_med = {k: statistics.median(v) for k, v in ttimes.items()}
+    ours_tokens = {''.join(__import__('qwen_edu.tokenizer', fromlist=['x']).BYTE_TO_UNICODE[c] for c in b) for b in ours.token_bytes}
+    overlap = len(ours_tokens & set(h1['tokens'])) / len(h1['tokens'])
+
+    # ---- 3. slow == fast ----
+    sample = count_pretokens(text[:40_000])
+    t_slow, slow = timed(lambda: train_bpe_slow(sample, 400))
+    t_fast, fast = timed(lambda: train_bpe_fast(sample, 400))
+    same = slow == fast
+
+    # ---- report ----
+    L = ['# Tokenizer benchmark', '',
+         f'Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}, '
+         f'tiktoken {tiktoken.__version__}, tokenizers {tokenizers.__version__}. Corpus: {nbytes / 1e6:.2f} MB of Python '
+         f'standard-library source (sorted *.py, NFC). Medians of {a.repeats} interleaved repeats. '
+         'Produced by `python bench/bench_tokenizer.py`.', '',
+         '## Encoding with the real Qwen2.5 vocabulary (single thread, identical ids checked)', '',
+         '| encoder | median s | MB/s | speed vs tiktoken |', '|---|---|---|---|']
+    for k, v in enc_med.items():
+        L.append(f'| {k} | {v:.2f} | {nbytes / v / 1e6:.1f} | {enc_med["tiktoken"] / v:.2f}x |')
+    L += ['', '"cold": a fresh pre-token cache every repeat (BPE runs once per unique pre-token); "warm": the cache '
+          'already holds the corpus\'s pre-tokens, as in a long-running data pipeline.', '',
+          f'## BPE training to vocab {a.vocab:,} (from raw text: NFC, pre-tokenization, counting, merges)', '',
+          '| trainer | median s | our time / this time (target <= 2) |', '|---|---|---|']
+    for k, v in tr_med.items():
+        L.append(f'| {k} | {v:.2f} | {tr_med["ours (1 thread)"] / v:.2f} |')
+    L += ['', f'Learned vocabularies overlap: {overlap:.1%} of the tokenizers vocabulary is in ours (they differ only in '
+          'how ties between equally frequent pairs are broken).', '',
+          '## Fast trainer = slow reference', '',
+          f'400 merges on 40 KB: identical merges: **{same}** (slow {t_slow:.2f} s, fast {t_fast:.3f} s).', '']
+    Path(a.out).write_text('\n'.join(L))
+    print('\n'.join(L))
+    return 0 if same else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
