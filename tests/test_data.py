@@ -82,3 +82,272 @@ def test_random_batches_accumulation_equals_data_parallel():
 def test_random_batches_too_short():
     with pytest.raises(ValueError, match='shorter seq_len'):
         D.RandomBatches(np.arange(10), 2, 10)
+
+
+# ---------------------------------------------------------------- decontamination
+import itertools, random, subprocess, sys
+from pathlib import Path
+
+
+def _lcs_brute(a, b):
+    "Longest common subsequence by trying every subsequence of the shorter one (tiny inputs only)."
+    if len(a) > len(b): a, b = b, a
+    def is_subseq(s, t):
+        it = iter(t); return all(x in it for x in s)
+    for k in range(len(a), -1, -1):
+        if any(is_subseq(c, b) for c in itertools.combinations(a, k)): return k
+
+
+def test_lcs_matches_brute_force_and_is_symmetric():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = rng.integers(0, 3, rng.integers(0, 9)), rng.integers(0, 3, rng.integers(0, 12))
+        l = D.lcs_length(a, b)
+        assert l == _lcs_brute(list(a), list(b)) == D.lcs_length(b, a)
+    assert D.lcs_length(list(b"ABCBDAB"), list(b"BDCABA")) == 4
+
+
+def test_rule_thresholds_exactly():
+    base = list(range(100, 200))
+    item = base[:20]                                              # |s_e| = 20 -> needs LCS >= 13 (0.6*20 = 12)
+    def with_lcs(k):                                              # a 40-token training seq sharing exactly k tokens
+        return item[:k] + list(range(1000, 1040 - k))
+    assert D.lcs_length(with_lcs(13), item) == 13
+    assert D.is_contaminated(with_lcs(13), item) and not D.is_contaminated(with_lcs(12), item)
+    item30 = base[:30]                                            # |s_e| = 30 -> needs LCS >= 18 (0.6*30)
+    assert D.is_contaminated(item30[:18] + [1] * 30, item30) and not D.is_contaminated(item30[:17] + [1] * 30, item30)
+    short = base[:12]                                             # shorter than 13: can never trigger
+    assert not D.is_contaminated(short * 3, short)
+    assert D.decontaminate([short * 3], [short])[0] == []
+
+
+def _plant(rng, n_train=60, n_test=30, L=40, V=5000):
+    train = [list(rng.integers(0, V, rng.integers(200, 600))) for _ in range(n_train)]
+    tests = [list(rng.integers(0, V, L)) for _ in range(n_test)]
+    verb, light, heavy = [0, 1, 2], [3, 4, 5], [6, 7, 8]
+    for k, i in enumerate(verb + light + heavy):
+        item = list(tests[k])
+        if i in light: item[10] = item[25] = V + 1                              # 2 edits: a >= 8-run survives
+        if i in heavy: item = [t if n % 4 != 3 else V + 2 for n, t in enumerate(item)]   # runs of 3, LCS 75%
+        train[i] = train[i][:100] + item + train[i][100:]
+    return train, tests, verb + light + heavy
+
+
+def test_decontaminate_catches_planted_spares_clean():
+    train, tests, planted = _plant(np.random.default_rng(1))
+    drop_bag, hits, _ = D.decontaminate(train, tests, prefilter='bag')
+    assert drop_bag == planted
+    assert all(j == i for i, j, l in hits)                        # each doc flagged by the item planted in it
+    drop_all, _, _ = D.decontaminate(train, tests, prefilter='none')
+    assert drop_all == planted                                    # the exact rule on every pair agrees
+    drop_ng, _, st = D.decontaminate(train, tests, prefilter='ngram', ngram=8)
+    assert drop_ng == planted[:6]                                 # the cheap filter misses only the scattered copies
+    assert st['candidates'] < 0.05 * st['windows'] * len(tests)  # and checks few pairs
+    drop_1, _, _ = D.decontaminate(train, tests, prefilter='ngram', ngram=1)
+    assert drop_1 == planted                                      # with n = 1 the n-gram filter is the bag filter's superset
+
+
+def test_decontaminate_bad_args():
+    with pytest.raises(ValueError, match='ngram must be'):
+        D.decontaminate([[1] * 20], [[1] * 20], ngram=14)
+    with pytest.raises(ValueError, match='prefilter'):
+        D.decontaminate([[1] * 20], [[1] * 20], prefilter='fast')
+
+
+# ---------------------------------------------------------------- quality
+def test_ngram_lm_is_normalised_and_prefers_its_training_text():
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(0, 10, 200)) for _ in range(3)] + [[1, 2, 3, 4] * 50]
+    lm = D.NgramLM(30, order=3).fit(seqs)
+    for hist in ([1, 2], [29, 28], []):
+        p = sum(np.exp(lm.token_logprobs(hist + [w])[-1]) for w in range(30))
+        assert abs(p - 1) < 1e-9
+    assert lm.nll([1, 2, 3, 4] * 10) < lm.nll(list(rng.integers(10, 30, 40)))
+    with pytest.raises(ValueError, match='no tokens'):
+        D.NgramLM(30).fit([[], []])
+
+
+def test_perplexity_score_equals_model_loss():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from qwen_edu.config import QwenConfig
+    from qwen_edu.model import QwenForCausalLM
+    tok = D.ByteTokenizer()
+    torch.manual_seed(0)
+    kw = dict(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    texts = ['short one', 'a somewhat longer document about nothing in particular', 'x' * 80]
+    for model in (Qwen2ForCausalLM(Qwen2Config(**kw)), QwenForCausalLM(QwenConfig.from_preset('edu-tiny', **kw))):
+        s = D.perplexity_score(texts, model, tok, max_len=50, batch_size=2)   # batches mix lengths: padding must not leak
+        for t, v in zip(texts, s):
+            ids = torch.tensor([[tok.eos_id] + tok.encode(t)[:50]])
+            assert abs(v - model(ids, labels=ids).loss.item()) < 1e-4
+
+
+def test_heuristics_and_quality_filter():
+    good = D.prose_documents(50_000)[3]['text']
+    assert D.heuristic_reasons(good) == []
+    assert 'repeated_lines' in D.heuristic_reasons('Subscribe to our newsletter now!\n' * 30)
+    assert 'symbols' in D.heuristic_reasons('#$%&*@!~^{}[]<>| ' * 60)
+    assert 'too_short' in D.heuristic_reasons('hello world')
+    docs = [dict(text=str(i), domain='a' if i < 10 else 'b') for i in range(20)]
+    kept, dropped = D.quality_filter(docs, np.arange(20.), drop_fraction=0.2)
+    assert [d['text'] for d in dropped] == ['8', '9', '18', '19']   # worst 20% of each domain
+    with pytest.raises(ValueError, match='drop_fraction'):
+        D.quality_filter(docs, np.arange(20.), drop_fraction=1.0)
+
+
+# ---------------------------------------------------------------- dedup, classifier, mixture
+def test_minhash_estimates_jaccard_and_near_dedup():
+    text = D.prose_documents(100_000)[0]['text']
+    w = text.split()
+    r = random.Random(0)
+    for k in (2, 20, 60):
+        pos = set(r.sample(range(len(w)), k)); other = ' '.join('Z' if i in pos else x for i, x in enumerate(w))
+        est = (D.MinHasher(256).signature(text) == D.MinHasher(256).signature(other)).mean()
+        assert abs(est - D.jaccard(text, other)) < 0.1
+    docs = D.prose_documents(300_000)
+    near = dict(docs[5], text=docs[5]['text'].replace(' the ', ' a ', 1))
+    exact = dict(docs[7], text='  ' + docs[7]['text'].replace('\n', '\n\n') + ' ')
+    base_k, base_d = D.exact_dedup(docs)                        # pydoc repeats a few tables itself
+    k1, d1 = D.exact_dedup(docs + [exact, near])
+    assert d1 == base_d + [exact]
+    base_n = len(D.near_dedup(base_k)[1])
+    k2, d2 = D.near_dedup(k1)
+    assert near in d2 and docs[5] in k2 and len(d2) == base_n + 1
+
+
+def test_domain_classifier_and_mixture():
+    docs = D.builtin_documents(600_000, seed=1)
+    r = random.Random(0); r.shuffle(docs)
+    clf = D.DomainClassifier().fit([d['text'] for d in docs[::2]], [d['domain'] for d in docs[::2]])
+    pred = clf.predict([d['text'] for d in docs[1::2]])
+    assert np.mean([p == d['domain'] for p, d in zip(pred, docs[1::2])]) > 0.95
+    w = {'code': 0.2, 'prose': 0.5, 'math': 0.3}
+    mixed, rep = D.mix_domains(docs, w, seed=0)
+    tot = sum(rep['after'].values())
+    for k, v in w.items(): assert abs(rep['after'][k] / tot - v) < 0.05
+    assert abs(tot / sum(rep['before'].values()) - 1) < 0.1
+    assert D.mix_domains(docs, w, seed=0)[0] == mixed
+    with pytest.raises(ValueError, match="none of them"):
+        D.mix_domains(docs, {'code': 1, 'poetry': 1})
+    with pytest.raises(ValueError, match='non-negative'):
+        D.mix_domains(docs, {'code': -1})
+
+
+def test_math_is_deterministic_and_correct():
+    assert D.math_documents(30_000, seed=3) == D.math_documents(30_000, seed=3)
+    r = random.Random(0)
+    for _ in range(300):
+        p, s, a = D.math_problem(r)
+        if p.startswith('Compute') and '+' in p and '/' not in p:
+            x, y = map(int, re.findall(r'\d+', p)); assert int(a) == x + y
+        if p.startswith('Compute') and ' x ' in p:
+            x, y = map(int, re.findall(r'\d+', p)); assert int(a) == x * y
+        if p.startswith('Solve'):
+            c, b, rhs = re.fullmatch(r'Solve (-?\d+)x ([+-] \d+) = (-?\d+) for x\.', p).groups()
+            assert int(c) * int(a) + int(b.replace(' ', '')) == int(rhs)
+
+
+import re
+
+
+# ---------------------------------------------------------------- sources and bad input
+def test_local_sources(tmp_path):
+    (tmp_path/'a.jsonl').write_text('\n'.join(json.dumps({'text': f'doc {i}', 'x': 1}) for i in range(7)))
+    assert [d['text'] for d in D.hf_documents(tmp_path/'a.jsonl')] == [f'doc {i}' for i in range(7)]
+    assert len(D.hf_documents(tmp_path/'a.jsonl', max_docs=3)) == 3
+    with pytest.raises(ValueError, match="no field 'body'"):
+        D.hf_documents(tmp_path/'a.jsonl', text_field='body')
+    (tmp_path/'t').mkdir(); (tmp_path/'t'/'x.txt').write_text('para one\n\npara two\n')
+    assert [d['text'].strip() for d in D.hf_documents(tmp_path/'t')] == ['para one', 'para two']
+    import pandas as pd
+    pd.DataFrame({'text': ['p1', 'p2']}).to_parquet(tmp_path/'b.parquet')
+    assert [d['text'] for d in D.hf_documents(tmp_path/'b.parquet')] == ['p1', 'p2']
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        D.hf_documents(str(tmp_path/'nope.jsonl'))
+
+
+def test_unfetchable_dataset_says_what_to_do():
+    code = ("from qwen_edu.data import hf_documents\n"
+            "try: hf_documents('roneneldan/TinyStories', max_docs=1)\n"
+            "except ConnectionError as e: print('MSG', e)\n")
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert 'MSG' in out and 'no network' in out and 'HF_DATASETS_OFFLINE' in out and 'local path' in out
+
+
+# ---------------------------------------------------------------- the pipeline
+def _split_docs(a, eos):
+    cuts = np.nonzero(a == eos)[0]
+    return [a[s + 1 if k else 0:e] for k, (s, e) in enumerate(zip(np.r_[-1, cuts[:-1]], cuts))]
+
+
+def test_build_corpus_round_trip_and_reproducible(tmp_path):
+    tok = D.ByteTokenizer()
+    (tmp_path/'extra.jsonl').write_text('\n'.join(json.dumps({'text': f'A story <|endoftext|> about the number {i}. ' * 20})
+                                                  for i in range(5)))
+    kw = dict(sources=['builtin', str(tmp_path/'extra.jsonl')], size=200_000, mixture={'code': 1, 'prose': 1, 'math': 1})
+    man = D.build_corpus(tmp_path/'a', tok, **kw)
+    texts = set()
+    for s in ('train', 'val'):
+        a = np.asarray(D.open_tokens(tmp_path/'a', s))
+        assert a[-1] == tok.eos_id and man['shards']['n_tokens'][s] == len(a)
+        pieces = _split_docs(a, tok.eos_id)
+        for p in pieces: assert tok.encode(tok.decode(p.tolist())) == p.tolist()       # round trip to the same tokens
+        texts |= {tok.decode(p.tolist()) for p in pieces}
+    assert any('<|endoftext|> about the number' in t for t in texts)                # literal special text kept as text
+    man2 = D.build_corpus(tmp_path/'b', tok, **kw)
+    assert man2['shards']['sha256'] == man['shards']['sha256']                       # same inputs, same bytes
+    assert man2['sources'] == man['sources'] and all(len(s['sha256']) == 64 for s in man['sources'])
+    m = json.loads((tmp_path/'a'/'manifest.json').read_text())
+    assert set(m['steps']) >= {'loaded', 'heuristics', 'exact_dedup', 'near_dedup', 'quality', 'mixture', 'domain_classifier'}
+
+
+def test_build_corpus_decontaminates(tmp_path):
+    from qwen_edu.tokenizer import BPETokenizer
+    docs = D.builtin_documents(300_000)
+    tok = BPETokenizer.train([d['text'] for d in docs], 1024, special_tokens=['<|endoftext|>'])
+    items = [p for d in D.prose_documents(400_000, seed=5)[-40:] for p in d['text'].split('\n\n') if len(p) > 300][:10]
+    (tmp_path/'leak.jsonl').write_text('\n'.join(json.dumps({'text': 'Copied:\n\n' + p + '\n\nThe end of the copied notes here.'})
+                                                 for p in items[:4]))
+    man = D.build_corpus(tmp_path/'out', tok, sources=['builtin', str(tmp_path/'leak.jsonl')], size=300_000,
+                         test_sets={'bench': items}, quality_drop=0)
+    leaked = [h for h in man['steps']['decontamination']['hits'] if h['doc'].startswith('file:')]
+    assert sorted(h['test_item'] for h in leaked) == [0, 1, 2, 3]
+    text = tok.decode(np.asarray(D.open_tokens(tmp_path/'out', 'train')).tolist())
+    assert not any(p[:80] in text for p in items)
+
+
+def test_build_corpus_bad_input_keeps_existing(tmp_path):
+    tok = D.ByteTokenizer()
+    D.build_corpus(tmp_path, tok, size=100_000)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    class Big(D.ByteTokenizer): vocab_size = 151665
+    with pytest.raises(ValueError, match='too large for uint16'):
+        D.build_corpus(tmp_path, Big(), size=100_000, dtype='uint16')
+    (tmp_path/'empty.jsonl').write_text(json.dumps({'text': '   '}) + '\n')
+    with pytest.raises(ValueError, match='corpus is empty'):
+        D.build_corpus(tmp_path, tok, sources=[str(tmp_path/'empty.jsonl')])
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        D.build_corpus(tmp_path, tok, sources=['./no/such/dir/data.parquet'])
+    with pytest.raises(FileNotFoundError, match='test set'):
+        D.build_corpus(tmp_path, tok, size=100_000, test_sets=str(tmp_path/'missing.jsonl'))
+    with pytest.raises(ValueError, match='all documents were removed'):
+        D.build_corpus(tmp_path, tok, sources=[str(tmp_path/'empty.jsonl'), 'builtin:math'], size=20_000,
+                       heuristics=dict(min_chars=10**9))
+    (tmp_path/'empty.jsonl').unlink()
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_data_cli(tmp_path, capsys):
+    assert D.data_cli(['build', str(tmp_path/'s'), '--size', '150K', '--vocab-size', '600']) == 0
+    meta = D.read_meta(tmp_path/'s')
+    assert meta['vocab_size'] == 600 and meta['dtype'] == 'uint16' and Path(meta['tokenizer']).exists()
+    from qwen_edu.tokenizer import BPETokenizer
+    tok = BPETokenizer.from_hf(meta['tokenizer'])
+    assert tok.vocab_size == 600 and tok.eos_id == meta['eos_id']
+    assert D.data_cli(['info', str(tmp_path/'s')]) == 0
+    assert '"n_tokens"' in capsys.readouterr().out
+    assert D.parse_size('4M') == 4_000_000 and D.parse_size('500k') == 500_000
+    with pytest.raises(ValueError, match="like 4000000"):
+        D.parse_size('lots')
