@@ -255,3 +255,70 @@ def test_tensors_on_different_devices(small):
     with pytest.raises(ValueError, match='is on meta but the model is on cpu'): small(ids)
     with pytest.raises(ValueError, match='labels is on meta'):
         small(torch.zeros(1, 4, dtype=torch.long), labels=ids)
+
+
+# ---------------------------------------------------------------- loss, logits_to_keep, MoE hook
+def test_custom_cross_entropy_matches_torch_in_fp32_and_bf16():
+    from qwen_edu.model import causal_lm_loss
+    torch.manual_seed(0)
+    labels = torch.randint(0, 300, (3, 20)); labels[0, :7] = -100
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-3)):
+        logits = (torch.randn(3, 20, 300) * 3).to(dtype).requires_grad_()
+        ref_logits = logits.detach().float().requires_grad_()
+        loss = causal_lm_loss(logits, labels)
+        ref = torch.nn.functional.cross_entropy(ref_logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1))
+        torch.testing.assert_close(loss.float(), ref, atol=tol, rtol=0)
+        (loss * 2).backward(); (ref * 2).backward()
+        assert logits.grad.dtype == dtype
+        torch.testing.assert_close(logits.grad.float(), ref_logits.grad, atol=tol, rtol=0)
+
+
+def test_logits_to_keep():
+    cfg = make('tied_gqa2_theta1e4')
+    _, ours = twins(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, logits_to_keep=2).logits, ours(ids).logits[:, -2:])
+    with pytest.raises(ValueError, match='logits_to_keep'): ours(ids, labels=ids, logits_to_keep=1)
+
+
+def test_moe_hook_builds_sparse_layers_and_adds_aux_loss(monkeypatch):
+    """The contract with qwen_edu.moe, checked with a stand-in module (the real one has its own tests)."""
+    import sys, types
+    calls = {}
+
+    class FakeMoe(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.gate = torch.nn.Linear(config.hidden_size, config.num_experts, bias=False)
+            self.proj = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+        def forward(self, x):
+            return self.proj(x), self.gate(x).reshape(-1, self.gate.out_features)
+
+    def fake_lb(router_logits, num_experts, top_k, attention_mask=None):
+        calls['args'] = (len(router_logits), num_experts, top_k, attention_mask)
+        return torch.stack([r.float().pow(2).mean() for r in router_logits]).sum()
+
+    fake = types.ModuleType('qwen_edu.moe')
+    fake.QwenSparseMoeBlock, fake.load_balancing_loss = FakeMoe, fake_lb
+    monkeypatch.setitem(sys.modules, 'qwen_edu.moe', fake)
+    cfg = QwenConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, num_experts=6, num_experts_per_tok=2,
+                     moe_intermediate_size=8, decoder_sparse_step=1, mlp_only_layers=[0], router_aux_loss_coef=0.01)
+    m = QwenForCausalLM(cfg)
+    assert [type(l.mlp).__name__ for l in m.model.layers] == ['QwenMLP', 'FakeMoe', 'FakeMoe', 'FakeMoe']
+    ids = torch.randint(0, 50, (2, 7))
+    am = torch.ones(2, 7, dtype=torch.long)
+    out = m(ids, labels=ids, attention_mask=am)
+    assert len(out.router_logits) == 3 and out.router_logits[0].shape == (14, 6)
+    assert calls['args'][:3] == (3, 6, 2) and calls['args'][3].shape == (2, 7)
+    plain = m(ids, attention_mask=am)
+    assert plain.aux_loss is not None
+    assert plain.loss is None
+    from qwen_edu.model import causal_lm_loss
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, ids) + 0.01 * out.aux_loss)
+    torch.testing.assert_close(out.aux_loss, fake_lb(out.router_logits, 6, 2))
+    dense = QwenForCausalLM(QwenConfig(**{**cfg.to_dict(), 'num_experts': 0}))
+    o = dense(ids, labels=ids)
+    assert o.aux_loss is None and o.router_logits is None
