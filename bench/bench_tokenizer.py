@@ -80,18 +80,22 @@ def main(argv=None):
         qwen.save_hf(d); hf = tokenizers.Tokenizer.from_file(f'{d}/tokenizer.json')
     ref = enc.encode_ordinary(text)
     qwen.encode('warm up numba')
-    times = {'ours (cold cache)': [], 'ours (warm cache)': [], 'tiktoken': [], 'tokenizers (1 thread)': []}
+    chunks = safe_chunks(text)  # tokenizers is very slow on one 10 MB string; give it ~20 KB pieces (same ids)
+    times = {'ours (cold cache)': [], 'ours (warm cache)': [], 'tiktoken': [], 'tokenizers encode_batch (1 thread, 1 run)': []}
     for r in range(a.repeats):
         qwen._cache.clear()
         t, ids = timed(lambda: qwen.encode(text)); assert ids == ref; times['ours (cold cache)'].append(t)
         t, ids = timed(lambda: qwen.encode(text)); assert ids == ref; times['ours (warm cache)'].append(t)
         t, ids = timed(lambda: enc.encode_ordinary(text)); times['tiktoken'].append(t)
-        t, e = timed(lambda: hf.encode(text, add_special_tokens=False)); assert e.ids == ref; times['tokenizers (1 thread)'].append(t)
+        if r == 0:  # slow (~10x tiktoken here): timed once, not a target
+            t, es = timed(lambda: hf.encode_batch(chunks, add_special_tokens=False))
+            assert [i for e in es for i in e.ids] == ref; times['tokenizers encode_batch (1 thread, 1 run)'].append(t)
         print(f'  encode repeat {r}: ' + ', '.join(f'{k} {v[-1]:.2f}s' for k, v in times.items()))
     enc_med = {k: statistics.median(v) for k, v in times.items()}
+    # speed ratios: median over repeats of (tiktoken time / our time) measured back to back (robust to load changes)
+    enc_ratio = {k: statistics.median(t / o for t, o in zip(times['tiktoken'], v)) for k, v in times.items()}
 
     # ---- 2. training ----
-    chunks = safe_chunks(text)
     assert ''.join(chunks) == text
     train_bpe_fast(count_pretokens(chunks[:2]), 50)  # compile / load the numba cache outside the timing
     ttimes = {'ours (1 thread)': [], 'tokenizers BpeTrainer (1 thread)': [], 'tokenizers BpeTrainer (2 threads)': []}
@@ -103,6 +107,7 @@ def main(argv=None):
             h2 = hf_train(cp, a.vocab, 2); ttimes['tokenizers BpeTrainer (2 threads)'].append(h2['time'])
             print(f'  train repeat {r}: ' + ', '.join(f'{k} {v[-1]:.2f}s' for k, v in ttimes.items()))
     tr_med = {k: statistics.median(v) for k, v in ttimes.items()}
+    tr_ratio = {k: statistics.median(o / t for o, t in zip(ttimes['ours (1 thread)'], v)) for k, v in ttimes.items()}
     ours_tokens = {''.join(__import__('qwen_edu.tokenizer', fromlist=['x']).BYTE_TO_UNICODE[c] for c in b) for b in ours.token_bytes}
     overlap = len(ours_tokens & set(h1['tokens'])) / len(h1['tokens'])
 
@@ -119,17 +124,18 @@ def main(argv=None):
          f'standard-library source (sorted *.py, NFC). Medians of {a.repeats} interleaved repeats. '
          'Produced by `python bench/bench_tokenizer.py`.', '',
          '## Encoding with the real Qwen2.5 vocabulary (single thread, identical ids checked)', '',
-         '| encoder | median s | MB/s | speed vs tiktoken |', '|---|---|---|---|']
+         '| encoder | median s | MB/s | speed vs tiktoken (target >= 0.5x) |', '|---|---|---|---|']
     for k, v in enc_med.items():
-        L.append(f'| {k} | {v:.2f} | {nbytes / v / 1e6:.1f} | {enc_med["tiktoken"] / v:.2f}x |')
+        L.append(f'| {k} | {v:.2f} | {nbytes / v / 1e6:.1f} | {enc_ratio[k]:.2f}x |')
     L += ['', '"cold": a fresh pre-token cache every repeat (BPE runs once per unique pre-token); "warm": the cache '
           'already holds the corpus\'s pre-tokens, as in a long-running data pipeline.', '',
           f'## BPE training to vocab {a.vocab:,} (from raw text: NFC, pre-tokenization, counting, merges)', '',
           '| trainer | median s | our time / this time (target <= 2) |', '|---|---|---|']
     for k, v in tr_med.items():
-        L.append(f'| {k} | {v:.2f} | {tr_med["ours (1 thread)"] / v:.2f} |')
-    L += ['', f'Learned vocabularies overlap: {overlap:.1%} of the tokenizers vocabulary is in ours (they differ only in '
-          'how ties between equally frequent pairs are broken).', '',
+        L.append(f'| {k} | {v:.2f} | {tr_ratio[k]:.2f} |')
+    L += ['', 'Ratios are medians over repeats of the ratio within each repeat (the runs of a repeat are back to back).',
+          '', f'Same vocabulary? {overlap:.2%} of the tokens learned by tokenizers are also learned by ours (any '
+          'difference comes from how ties between equally frequent pairs are broken).', '',
           '## Fast trainer = slow reference', '',
           f'400 merges on 40 KB: identical merges: **{same}** (slow {t_slow:.2f} s, fast {t_fast:.3f} s).', '']
     Path(a.out).write_text('\n'.join(L))

@@ -174,3 +174,29 @@ def test_partial_utf8_and_batch(qwen):
     assert qwen.encode_batch(['a', 'b c']) == [qwen.encode('a'), qwen.encode('b c')]
     import numpy as np
     assert qwen.decode(np.array(qwen.encode('numpy ids'))) == 'numpy ids'
+
+
+def test_stream_decoder_never_emits_broken_characters(qwen):
+    from qwen_edu.tokenizer import StreamDecoder
+    text = unicodedata.normalize('NFC', MULTI)
+    stream = StreamDecoder(qwen)
+    pieces = [stream(i) for i in qwen.encode(text)]
+    assert ''.join(pieces) + stream.flush() == text
+    assert not any('\ufffd' in p for p in pieces)
+    cut = StreamDecoder(qwen)
+    assert cut(qwen.encode('€')[:1] if len(qwen.encode('€')) > 1 else [qwen.token_bytes.index(b'\xe2')]) == ''
+    assert cut.flush() == '\ufffd'
+
+
+def test_cli(tmp_path, capsys):
+    from qwen_edu.tokenizer import tokenizer_cli
+    assert tokenizer_cli(['encode', 'Hello world, 你好世界']) == 0
+    assert capsys.readouterr().out.split() == ['9707', '1879', '11', '220', '108386', '99489']
+    tokenizer_cli(['decode', '9707', '1879'])
+    assert capsys.readouterr().out == 'Hello world\n'
+    (tmp_path / 'a.txt').write_text('the quick brown fox jumps over the lazy dog\n' * 50)
+    tokenizer_cli(['train', str(tmp_path / 'a.txt'), '--vocab-size', '280', '--out', str(tmp_path / 'tok')])
+    t = BPETokenizer.from_hf(tmp_path / 'tok')
+    tokenizer_cli(['encode', '--tokenizer', str(tmp_path / 'tok'), 'the lazy dog<|endoftext|>', '--allow-special'])
+    assert list(map(int, capsys.readouterr().out.split()[-4:]))[-1] == t.special_tokens['<|endoftext|>']
+    with pytest.raises(SystemExit): tokenizer_cli(['frobnicate'])
