@@ -1,0 +1,219 @@
+"Generation: KV cache == full forward, batched == one by one, greedy == transformers, processors == transformers."
+import io, json, sys, warnings
+import pytest, torch
+import transformers
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.generation.logits_process import (TopKLogitsWarper, TopPLogitsWarper,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper)
+from qwen_edu.config import QwenConfig
+from qwen_edu.model import QwenForCausalLM, KVCache
+from qwen_edu.hf import from_hf, to_hf
+from qwen_edu.generate import (generate, next_token, top_k_filter, top_p_filter, apply_repetition_penalty, pad_prompts,
+                               positions_from_mask, default_stop_tokens, decode_layout, split_utf8, TextStreamer, chat,
+                               chat_cli)
+
+transformers.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings('ignore')
+
+
+def tiny(seed=0, vocab=512, tie=True, rope_scaling=None):
+    torch.manual_seed(seed)
+    hc = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e4, tie_word_embeddings=tie,
+                     rope_scaling=rope_scaling)
+    hf = Qwen2ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(0, 0.2) if n.endswith('weight') and 'norm' not in n else p.add_(torch.randn_like(p) * 0.1)
+    return from_hf(hf), hf
+
+
+@pytest.fixture(scope='module')
+def pair(): return tiny()
+
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [42, 43], [7, 100, 3, 9], [300]]
+
+
+def test_incremental_decoding_equals_full_forward(pair):
+    model, _ = pair
+    x = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = KVCache(max_len=20)
+        parts = [model(x[:, :5], past_key_values=cache, use_cache=True).logits]
+        parts += [model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 20)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('seed,tie,yarn', [(0, True, False), (1, False, False), (2, True, True)])
+def test_greedy_equals_transformers_generate(seed, tie, yarn):
+    model, hf = tiny(seed, tie=tie, rope_scaling={'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 64} if yarn else None)
+    for i, p in enumerate(PROMPTS):
+        ids = torch.tensor([p])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0)
+        assert generate(model, ids, max_new_tokens=24) == [ref[0, len(p):].tolist()], (seed, i)
+
+
+def test_greedy_batched_left_padded_equals_transformers(pair):
+    model, hf = pair
+    ids, mask = pad_prompts(PROMPTS)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert generate(model, ids, attention_mask=mask, max_new_tokens=16) == ref[:, ids.shape[1]:].tolist()
+
+
+def test_batched_equals_one_by_one(pair):
+    model, _ = pair
+    alone = [generate(model, [p], max_new_tokens=20)[0] for p in PROMPTS]
+    assert generate(model, PROMPTS, max_new_tokens=20) == alone
+    # with sampling too: a per-row draw is not reproducible across batch sizes, but top_k=1 is deterministic
+    assert generate(model, PROMPTS, max_new_tokens=20, temperature=0.9, top_k=1, seed=0) == alone
+
+
+def test_stop_tokens_per_sequence(pair):
+    model, _ = pair
+    alone = [generate(model, [p], max_new_tokens=20, stop_tokens=None)[0] for p in PROMPTS]
+    stop = alone[1][4]
+    got = generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[stop])
+    for a, g in zip(alone, got):
+        assert g == (a[:a.index(stop) + 1] if stop in a else a)
+    assert len(got[1]) <= 5
+    calls = []
+    generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[stop], stream=calls.append)
+    assert all(len(c) == 4 for c in calls) and len(calls) == max(len(g) for g in got)
+    assert all(c[1] == -1 for c in calls[len(got[1]):])  # finished rows stream -1
+
+
+def test_default_stop_tokens():
+    assert default_stop_tokens(QwenConfig.from_preset('qwen2.5-0.5b')) == {151643, 151645}
+    assert default_stop_tokens(QwenConfig.from_preset('edu-tiny')) == set()
+    assert default_stop_tokens(QwenConfig.from_preset('edu-tiny', eos_token_id=3)) == {3}
+
+
+def test_sampling_reproducible(pair):
+    model, _ = pair
+    kw = dict(max_new_tokens=16, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1)
+    a = generate(model, PROMPTS, seed=7, **kw)
+    assert a == generate(model, PROMPTS, seed=7, **kw)
+    assert a == generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    assert a != generate(model, PROMPTS, seed=8, **kw)
+    assert generate(model, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=1, seed=1) == \
+           generate(model, PROMPTS, max_new_tokens=16)
+
+
+def test_sampling_distribution_matches_transformers_pipeline():
+    "next_token's sampling distribution equals transformers' processors (penalty, temperature, top-k, top-p) + softmax."
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50, generator=g) * 2
+    past = torch.randint(0, 50, (2, 10), generator=g)
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, past, True)
+    s = logits.clone()
+    for proc in [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)]:
+        s = proc(past, s)
+    ref = s.softmax(-1)
+    counts = torch.zeros(2, 50)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4000):
+        t = next_token(logits, 0.7, 10, 0.8, 1.2, seen, gen)
+        counts[torch.arange(2), t] += 1
+    assert ((counts > 0) <= (ref > 0)).all()  # never a filtered token
+    torch.testing.assert_close(counts / 4000, ref, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_processors_equal_transformers(seed):
+    g = torch.Generator().manual_seed(seed)
+    past = torch.randint(0, 300, (3, 40), generator=g)
+    seen = torch.zeros(3, 300, dtype=torch.bool).scatter_(1, past, True)
+    for logits in (torch.randn(3, 300, generator=g) * 4, torch.randint(-4, 4, (3, 300), generator=g).float()):
+        for k in (1, 5, 50, 1000):
+            assert torch.equal(top_k_filter(logits, k), TopKLogitsWarper(k)(past, logits.clone()))
+        for p in (0.05, 0.5, 0.8, 0.95, 1.0):
+            assert torch.equal(top_p_filter(logits, p), TopPLogitsWarper(p)(past, logits.clone()))
+        for r in (0.8, 1.05, 1.5):
+            assert torch.equal(apply_repetition_penalty(logits, seen, r), RepetitionPenaltyLogitsProcessor(r)(past, logits.clone()))
+
+
+def test_bad_arguments(pair):
+    model, _ = pair
+    with pytest.raises(ValueError, match='top_p must be in'): top_p_filter(torch.zeros(1, 4), 1.5)
+    with pytest.raises(ValueError, match='top_k must be a positive'): top_k_filter(torch.zeros(1, 4), 0)
+    with pytest.raises(ValueError, match='temperature must be >= 0'): generate(model, [[1]], temperature=-1)
+    with pytest.raises(ValueError, match='max_new_tokens must be >= 1'): generate(model, [[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match='at least one token'): generate(model, [[1], []])
+    with pytest.raises(ValueError, match='left-padded'):
+        generate(model, torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match="stop_tokens must be 'default'"): generate(model, [[1]], stop_tokens='eos')
+
+
+def test_pad_and_positions():
+    ids, mask = pad_prompts([[5, 6, 7], [8]], pad_id=9)
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_decode_layout_keeps_model(pair):
+    import copy
+    model, _ = pair
+    fast = decode_layout(copy.deepcopy(model))
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
+    assert not fast.model.layers[0].mlp.up_proj.weight.is_contiguous()
+    for (k, v), (_, w) in zip(model.state_dict().items(), fast.state_dict().items()): assert torch.equal(v, w), k
+    assert generate(fast, PROMPTS, max_new_tokens=16) == generate(model, PROMPTS, max_new_tokens=16)
+
+
+def test_split_utf8():
+    s = 'a🦜龘é'.encode()
+    for i in range(len(s) + 1):
+        text, rest = split_utf8(s[:i])
+        assert (text.encode() + rest) == s[:i] and len(rest) <= 3 and '\ufffd' not in text
+    assert split_utf8(b'\xff') == ('\ufffd', b'')
+
+
+class ByteTok:
+    "A tokenizer whose ids are bytes (so tokens cut characters), with and without decode_bytes."
+    special_tokens = {'<|end|>': 256}
+    def decode_bytes(self, ids): return bytes(i for i in ids if i < 256)
+    def decode(self, ids): return self.decode_bytes(ids).decode('utf-8', errors='replace')
+
+
+class ByteTokNoBytes:
+    special_tokens = {'<|end|>': 256}
+    def decode(self, ids): return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
+
+
+@pytest.mark.parametrize('tok', [ByteTok(), ByteTokNoBytes()])
+def test_text_streamer_holds_back_partial_utf8(tok):
+    text = 'Hi 🦜 龘 쀍 é!'
+    pieces = []
+    s = TextStreamer(tok, on_text=pieces.append)
+    for b in text.encode(): s([b])
+    s([256]); s([-1]); s.end()
+    assert ''.join(pieces) == text and not any('\ufffd' in p for p in pieces)
+    with pytest.raises(ValueError, match='one sequence'): s([1, 2])
+
+
+def test_chat_and_cli(tmp_path, capsys, monkeypatch):
+    from qwen_edu.tokenizer import BPETokenizer
+    from qwen_edu.chat import apply_chat_template
+    tok = BPETokenizer.train(["hello world, how are you? I am fine. " * 20], vocab_size=300,
+                             special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'])
+    im_end = tok.special_tokens['<|im_end|>']
+    cfg = QwenConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, eos_token_id=im_end)
+    torch.manual_seed(0)
+    model = QwenForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters(): p.normal_(0, 0.3)  # varied tokens, not one repeated
+    msgs = [{'role': 'user', 'content': 'hello'}]
+    ids = tok.encode(apply_chat_template(msgs, add_generation_prompt=True), allowed_special='all')
+    raw = generate(model, [ids], max_new_tokens=8)[0]
+    reply = chat(model, tok, msgs, max_new_tokens=8)
+    assert reply == tok.decode([t for t in raw if t != im_end])
+    to_hf(model, tmp_path); tok.save_hf(tmp_path)
+    assert chat_cli(['--model', str(tmp_path), '--prompt', 'hello', '--temperature', '0', '--repetition-penalty', '1', '--max-new-tokens', '8']) == 0
+    assert len(set(raw)) > 2 and reply.strip()
+    assert capsys.readouterr().out == reply + '\n'
+    monkeypatch.setattr(sys, 'stdin', io.StringIO('hello\n/reset\nhello\n/exit\nnot read\n'))
+    assert chat_cli(['--model', str(tmp_path), '--temperature', '0', '--repetition-penalty', '1', '--max-new-tokens', '8']) == 0
+    assert capsys.readouterr().out == reply + '\n' + reply + '\n'
