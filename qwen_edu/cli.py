@@ -5,22 +5,26 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'info_cli', 'main']
 
-# %% ../nbs/99_cli.ipynb #5da50dd9
+# %% ../nbs/99_cli.ipynb #ea4126a4
 import importlib, sys
 import qwen_edu
 
-# %% ../nbs/99_cli.ipynb #d6bb4ac4
+# %% ../nbs/99_cli.ipynb #1e3f2510
 COMMANDS = {  # subcommand -> (module, function taking argv, one-line help)
-    'info': ('qwen_edu.cli', 'info_cli', 'print the version and the chapter map'),
+    'info': ('qwen_edu.cli', 'info_cli', 'print the version and the available commands'),
+    'tokenizer': ('qwen_edu.tokenizer', 'tokenizer_cli', 'train a BPE tokenizer or encode/decode text (chapter 01)'),
+    'chat': ('qwen_edu.generate', 'chat_cli', 'chat with a local or Hub Qwen2.5 checkpoint (chapter 07)'),
+    'data': ('qwen_edu.data', 'data_cli', 'build the filtered, mixed, decontaminated token shards (chapter 09)'),
+    'train': ('qwen_edu.train', 'train_cli', 'pre-train a model, on one device or many via torchrun (chapter 10)'),
 }
 
-# %% ../nbs/99_cli.ipynb #d1613326
+# %% ../nbs/99_cli.ipynb #2e2b9867
 def info_cli(argv=None):
     "Print the version and the modules that make up the package."
     print(f"qwen-edu {qwen_edu.__version__}")
     for name, (mod, fn, help) in COMMANDS.items(): print(f"  {name:10s} {help}")
 
-# %% ../nbs/99_cli.ipynb #36e270db
+# %% ../nbs/99_cli.ipynb #686db650
 def main(argv=None):
     "Entry point of the `qwen-edu` console script."
     argv = list(sys.argv[1:] if argv is None else argv)
