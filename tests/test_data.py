@@ -28,6 +28,7 @@ def test_pack_documents_keeps_literal_special_text_and_separates_with_eos():
     a = D.pack_documents(['x<|endoftext|>y', 'z'], tok)
     assert a.tolist() == [*b'x<|endoftext|>y', 256, *b'z', 256]
     assert (a == tok.eos_id).sum() == 2
+    assert tok.encode('x<|endoftext|>y', allowed_special='all') == [120, 256, 121]   # tiktoken semantics
 
 
 def test_bad_vocab_for_dtype_keeps_existing_shards(tmp_path):
