@@ -213,21 +213,26 @@ class QwenModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([QwenDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        inv_freq, self.attention_scaling = rope_parameters(config)
-        self.register_buffer('inv_freq', inv_freq, persistent=False)
+        self._inv_freq = {}  # device -> float32 RoPE frequencies (not a buffer: never cast to bf16, never meta)
+        with torch.device('cpu'): self.attention_scaling = rope_parameters(config)[1]  # cos/sin multiplier (YaRN)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        "The float32 RoPE inverse frequencies on `device` (computed once per device from the config)."
+        if device not in self._inv_freq:
+            with torch.device('cpu'): self._inv_freq[device] = rope_parameters(self.config)[0].to(device)
+        return self._inv_freq[device]
 
     def rope_inputs(self, position_ids, dtype, past, attention_mask, cache):
         "cos/sin for the positions (or, with Dual Chunk Attention, the query/key positions)."
-        if self.inv_freq.is_meta or self.inv_freq.device != position_ids.device:
-            self.inv_freq = rope_parameters(self.config)[0].to(position_ids.device)
+        inv_freq = self.inv_freq(position_ids.device)
         if self.config.dual_chunk_attention_config is None:
-            cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling, dtype)
-            return RopeInputs(cos, sin, self.inv_freq, self.attention_scaling)
+            cos, sin = rope_cos_sin(position_ids, inv_freq, self.attention_scaling, dtype)
+            return RopeInputs(cos, sin, inv_freq, self.attention_scaling)
         B = attention_mask.shape[0] if attention_mask is not None else position_ids.shape[0]
         q_pos = position_ids.expand(B, -1)
         k_pos = q_pos if cache is None or cache.positions is None else torch.cat([cache.positions, q_pos], 1)
         if cache is not None: cache.positions = k_pos
-        return RopeInputs(None, None, self.inv_freq, self.attention_scaling, q_pos, k_pos, attention_mask)
+        return RopeInputs(None, None, inv_freq, self.attention_scaling, q_pos, k_pos, attention_mask)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         "Final hidden states (B, T, H) and the router logits of the sparse layers."

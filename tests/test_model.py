@@ -322,3 +322,18 @@ def test_moe_hook_builds_sparse_layers_and_adds_aux_loss(monkeypatch):
     dense = QwenForCausalLM(QwenConfig(**{**cfg.to_dict(), 'num_experts': 0}))
     o = dense(ids, labels=ids)
     assert o.aux_loss is None and o.router_logits is None
+
+
+def test_rope_frequencies_survive_meta_build_dtype_casts_and_moves():
+    cfg = make('yarn_untied')
+    hf, ours = twins(cfg)
+    with torch.device('meta'): m = QwenForCausalLM(cfg)
+    m.load_state_dict(ours.state_dict(), assign=True)
+    m.to('cpu')
+    ids = torch.randint(0, cfg.vocab_size, (1, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+        m.bfloat16()
+        assert m.model.inv_freq(torch.device('cpu')).dtype == torch.float32
+        assert m.model.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
+        assert m(ids).logits.dtype == torch.bfloat16
