@@ -214,6 +214,9 @@ def test_chat_and_cli(tmp_path, capsys, monkeypatch):
     assert chat_cli(['--model', str(tmp_path), '--prompt', 'hello', '--temperature', '0', '--repetition-penalty', '1', '--max-new-tokens', '8']) == 0
     assert len(set(raw)) > 2 and reply.strip()
     assert capsys.readouterr().out == reply + '\n'
+    (tmp_path / 'generation_config.json').write_text(json.dumps({'do_sample': False, 'repetition_penalty': 1.0}))
+    assert chat_cli(['--model', str(tmp_path), '--prompt', 'hello', '--max-new-tokens', '8']) == 0  # settings from the file
+    assert capsys.readouterr().out == reply + '\n'
     monkeypatch.setattr(sys, 'stdin', io.StringIO('hello\n/reset\nhello\n/exit\nnot read\n'))
     assert chat_cli(['--model', str(tmp_path), '--temperature', '0', '--repetition-penalty', '1', '--max-new-tokens', '8']) == 0
     assert capsys.readouterr().out == reply + '\n' + reply + '\n'
