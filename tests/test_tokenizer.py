@@ -200,3 +200,8 @@ def test_cli(tmp_path, capsys):
     tokenizer_cli(['encode', '--tokenizer', str(tmp_path / 'tok'), 'the lazy dog<|endoftext|>', '--allow-special'])
     assert list(map(int, capsys.readouterr().out.split()[-4:]))[-1] == t.special_tokens['<|endoftext|>']
     with pytest.raises(SystemExit): tokenizer_cli(['frobnicate'])
+
+
+def test_lone_surrogates_like_tiktoken(qwen, enc):
+    for s in ['a\ud800b', '\udfff', 'x\ud83d\ude00y', 'ok \ud800\ud800 ok']:
+        assert qwen.encode(s) == enc.encode_ordinary(s), repr(s)
