@@ -337,3 +337,14 @@ def test_rope_frequencies_survive_meta_build_dtype_casts_and_moves():
         assert m.model.inv_freq(torch.device('cpu')).dtype == torch.float32
         assert m.model.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
         assert m(ids).logits.dtype == torch.bfloat16
+
+
+def test_bf16_close_to_transformers_bf16():
+    cfg = make('tied_gqa2_theta1e4')
+    hf, ours = twins(cfg, attn='sdpa')
+    hf.bfloat16(); ours.bfloat16()
+    ids = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad(): a, b = ours(ids, labels=ids), hf(ids, labels=ids)
+    assert a.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=0.07, rtol=0)  # a few bf16 ulps
+    assert abs(a.loss.item() - b.loss.item()) < 5e-3
