@@ -153,3 +153,54 @@ def test_online_merging_errors():
     pol(torch.randn(2, 6)).sum().backward()
     with pytest.raises(RuntimeError, match='set_task_vector'): opt.step()
     with pytest.raises(ValueError, match='share an architecture'): opt.set_task_vector(pol, torch.nn.Linear(5, 4))
+
+
+# ---- with a model ---------------------------------------------------------------------------------------------
+import copy
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    from qwen_edu.sft import train_task_tokenizer, toy_model
+    tok = train_task_tokenizer(vocab_size=300, n=60)
+    torch.manual_seed(0)
+    return tok, toy_model(tok, hidden_size=32).eval()
+
+
+def test_completion_logps_matches_unpadded_per_sequence(tiny):
+    from qwen_edu.dpo import completion_logps
+    from qwen_edu.reward import make_preference_pairs, pair_batch
+    from qwen_edu.sft import tokenize_conversation, example_messages
+    tok, model = tiny
+    pairs = make_preference_pairs(None, tok, make_examples_('word', 3))
+    ids, attn, comp = pair_batch(tok, pairs)
+    with torch.no_grad(): got = completion_logps(model, ids, attn, comp)
+    side = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    exs = [p.example for p in pairs] * 2
+    for i, (ex, r) in enumerate(zip(exs, side)):
+        t, m = tokenize_conversation(tok, example_messages(ex, r))
+        with torch.no_grad(): lp = torch.log_softmax(model(torch.tensor([t])).logits[0].double(), -1)
+        expect = sum(lp[j - 1, t[j]].item() for j in range(1, len(t)) if m[j])
+        assert abs(got[i].item() - expect) < 1e-3
+
+
+def make_examples_(task, n):
+    from qwen_edu.tasks import make_examples
+    return make_examples(task, n, seed=0)
+
+
+def test_dpo_train_raises_margin_and_keeps_reference(tiny):
+    from qwen_edu.dpo import dpo_train, make_dpo_optimizer
+    from qwen_edu.reward import make_preference_pairs
+    tok, model = tiny
+    ref, pol = copy.deepcopy(model), copy.deepcopy(model)
+    ref_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    pairs = make_preference_pairs(None, tok, make_examples_('arith', 12))
+    hist = dpo_train(pol, tok, pairs, ref_model=ref, steps=8, batch_size=8, lr=3e-3, eval_pairs=pairs, eval_every=4)
+    assert hist[0]['margin'] == pytest.approx(0.0, abs=1e-6) and hist[-1]['margin'] > 0.01
+    assert hist[-1]['accuracy'] > 0.5
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ref_sd.items())
+    with pytest.raises(ValueError, match='needs base_model'): make_dpo_optimizer(pol, 'ondare')
+    opt = make_dpo_optimizer(pol, 'onties', base_model=ref)
+    assert isinstance(opt, OnlineMergingAdamW)
+    with pytest.raises(ValueError, match='ref_model'): dpo_train(pol, tok, pairs, steps=1)
