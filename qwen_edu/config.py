@@ -8,7 +8,8 @@ import dataclasses, math
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['PRESETS', 'QWEN25_SIZES', 'QwenConfig', 'normalize_rope_scaling', 'count_params', 'flops_per_token']
+__all__ = ['PRESETS', 'QWEN25_SIZES', 'QwenConfig', 'normalize_rope_scaling', 'count_params', 'flops_per_token', 'preset_table',
+           'params_cli']
 
 # %% ../nbs/03_config.ipynb #19fdf6a7
 @dataclass
@@ -185,3 +186,31 @@ def flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
     n = count_params(cfg, non_embedding=True, active=True) + cfg.vocab_size * cfg.hidden_size
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     return 6 * n + attn
+
+# %% ../nbs/03_config.ipynb #51389297
+def _human(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+def preset_table(names=None, seq_len: int = 4096) -> str:
+    "Markdown table of presets: shape, total and non-embedding parameters, training GFLOPs per token at `seq_len`."
+    rows = ["| preset | hidden | layers | heads q/kv | intermediate | vocab | tied | params | non-embedding | "
+            f"GFLOPs/token @ {seq_len} |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names or list(PRESETS):
+        c = QwenConfig.from_preset(n)
+        rows.append(f"| {n} | {c.hidden_size} | {c.num_hidden_layers} | {c.num_attention_heads}/{c.num_key_value_heads} | "
+                    f"{c.intermediate_size} | {c.vocab_size} | {'yes' if c.tie_word_embeddings else 'no'} | "
+                    f"{_human(c.num_params())} | {_human(c.num_params(non_embedding=True))} | "
+                    f"{c.flops_per_token(seq_len) / 1e9:.3g} |")
+    return "\n".join(rows)
+
+def params_cli(argv=None) -> int:
+    "`qwen-edu params [PRESET ...] [--seq-len N]`: print the preset table."
+    import argparse
+    p = argparse.ArgumentParser(prog='qwen-edu params', description='Parameter and FLOP counts of the presets')
+    p.add_argument('presets', nargs='*', help='preset names (default: all)')
+    p.add_argument('--seq-len', type=int, default=4096, help='context length for the FLOPs column')
+    a = p.parse_args(argv)
+    try: print(preset_table(a.presets or None, a.seq_len))
+    except ValueError as e:
+        print(f"error: {e}"); return 2
+    return 0

@@ -116,3 +116,12 @@ def test_bad_configs_raise_clear_errors(kw, msg):
 def test_unknown_preset_and_field():
     with pytest.raises(ValueError, match='unknown preset'): QwenConfig.from_preset('qwen2.5-8b')
     with pytest.raises(ValueError, match='unknown config fields'): QwenConfig.from_preset('edu-tiny', hiden_size=8)
+
+
+def test_preset_table_and_cli(capsys):
+    from qwen_edu.config import preset_table, params_cli
+    t = preset_table(['qwen2.5-0.5b', 'qwen2.5-72b'])
+    assert '| qwen2.5-0.5b | 896 | 24 | 14/2 | 4864 | 151936 | yes | 494.0M | 357.9M |' in t
+    assert '| qwen2.5-72b | 8192 | 80 | 64/8 | 29568 | 152064 | no | 72.71B | 70.21B |' in t
+    assert params_cli(['edu-tiny']) == 0 and 'edu-tiny' in capsys.readouterr().out
+    assert params_cli(['nope']) == 2 and 'unknown preset' in capsys.readouterr().out
