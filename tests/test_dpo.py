@@ -204,3 +204,14 @@ def test_dpo_train_raises_margin_and_keeps_reference(tiny):
     opt = make_dpo_optimizer(pol, 'onties', base_model=ref)
     assert isinstance(opt, OnlineMergingAdamW)
     with pytest.raises(ValueError, match='ref_model'): dpo_train(pol, tok, pairs, steps=1)
+
+
+def test_run_dpo_entry_point(tiny, tmp_path):
+    from qwen_edu.dpo import run_dpo
+    tok, model = tiny
+    m = copy.deepcopy(model)
+    metrics = run_dpo(m, tok, out_dir=tmp_path, steps=2, n_train=6, n_eval=4, k=2, batch_size=4,
+                      base_model=copy.deepcopy(model), optimizer='ondare')
+    for k in ('heldout_margin_before', 'heldout_margin_after', 'heldout_pref_accuracy_after', 'heldout_task_accuracy_after'):
+        assert k in metrics
+    assert (tmp_path / 'dpo_model.pt').exists() and (tmp_path / 'dpo_metrics.json').exists()

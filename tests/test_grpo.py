@@ -118,3 +118,62 @@ def test_bad_inputs_fail_clearly():
     with pytest.raises(ValueError, match=r'advantages must be \(batch,\)'): grpo_loss(lp, lp, lp, torch.zeros(3), mask)
     with pytest.raises(ValueError, match='loss_type must be one of'): grpo_loss(lp, lp, lp, adv, mask, loss_type='ppo')
     with pytest.raises(ValueError, match='needs ref_logps'): grpo_loss(lp, lp, None, adv, mask)
+
+
+# ---- with a model ---------------------------------------------------------------------------------------------
+import copy
+
+
+def test_completion_token_logps_and_a_grpo_step():
+    from qwen_edu.grpo import completion_token_logps, grpo_train
+    from qwen_edu.sft import train_task_tokenizer, toy_model, prompt_ids
+    from qwen_edu.tasks import make_examples
+    tok = train_task_tokenizer(vocab_size=300, n=60)
+    torch.manual_seed(0)
+    model = toy_model(tok, hidden_size=32).eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    comps = [[10, 11], [12, 13, 14]]
+    with torch.no_grad(): lp, mask = completion_token_logps(model, prompts, comps)
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]  # position t scores token t+1
+    with torch.no_grad(): full = torch.log_softmax(model(torch.tensor([[8, 9, 12, 13, 14]])).logits[0], -1)
+    assert torch.allclose(lp[1, 1:], torch.stack([full[1, 12], full[2, 13], full[3, 14]]), atol=1e-5)
+    ref, pol = copy.deepcopy(model), copy.deepcopy(model)
+    ref_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    qs = make_examples('arith', 6, seed=0)
+    # a random model never passes the checker: zero advantages and (policy == reference) zero KL gradient
+    same = copy.deepcopy(model)
+    grpo_train(same, ref, tok, qs, steps=1, group_size=4, queries_per_step=2, max_new_tokens=5)
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in ref_sd.items())
+    varied = lambda ex, response: float(len(response) % 2)  # a reward that varies within groups
+    hist = grpo_train(pol, ref, tok, qs, steps=2, group_size=4, queries_per_step=2, max_new_tokens=5,
+                      num_iterations=2, eval_examples=make_examples('arith', 2, seed=1), eval_every=2, reward_fn=varied)
+    assert [h['step'] for h in hist] == [0, 1, 2] and 'heldout_accuracy' in hist[0] and 'reward' in hist[0]
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ref_sd.items())
+    assert any(not torch.equal(p, ref_sd[n]) for n, p in pol.state_dict().items())
+    with pytest.raises(ValueError, match='at least one query'): grpo_train(pol, ref, tok, [], steps=1)
+
+
+def test_run_grpo_and_pipeline_registration(tmp_path, monkeypatch):
+    import sys, types
+    import qwen_edu.grpo as G
+    from qwen_edu.sft import train_task_tokenizer, toy_model
+    tok = train_task_tokenizer(vocab_size=300, n=60)
+    m = toy_model(tok, hidden_size=32)
+    metrics = G.run_grpo(m, tok, out_dir=tmp_path, steps=1, n_train=4, n_eval=2, group_size=2, queries_per_step=2,
+                         max_new_tokens=4)
+    assert {'heldout_accuracy_before', 'heldout_accuracy_after'} <= set(metrics)
+    assert (tmp_path / 'grpo_model.pt').exists()
+    # without the pipeline loaded, nothing is registered; with it, sft -> dpo -> grpo follow pretrain
+    monkeypatch.delitem(sys.modules, 'qwen_edu.pipeline', raising=False)
+    assert G._register_pipeline_stages() is False
+    stages = {}
+    def register_stage(name, fn, after=None):
+        items = [(k, v) for k, v in stages.items() if k != name]
+        pos = len(items) if after is None else [k for k, _ in items].index(after) + 1
+        items.insert(pos, (name, fn)); stages.clear(); stages.update(items)
+    fake = types.SimpleNamespace(register_stage=register_stage)
+    stages.update(tokenizer=None, data=None, pretrain=None, sample=None)
+    monkeypatch.setitem(sys.modules, 'qwen_edu.pipeline', fake)
+    assert G._register_pipeline_stages() is True
+    assert list(stages) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
+    assert stages['sft'] is G.stage_sft and stages['grpo'] is G.stage_grpo
