@@ -177,3 +177,12 @@ def test_run_grpo_and_pipeline_registration(tmp_path, monkeypatch):
     assert G._register_pipeline_stages() is True
     assert list(stages) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
     assert stages['sft'] is G.stage_sft and stages['grpo'] is G.stage_grpo
+
+
+def test_post_training_steps_scale_with_pretraining():
+    import types
+    from qwen_edu.grpo import post_training_steps
+    assert post_training_steps(types.SimpleNamespace(max_steps=120), 'sft') == 300
+    assert post_training_steps(types.SimpleNamespace(max_steps=6), 'sft') == 15
+    assert post_training_steps(types.SimpleNamespace(max_steps=1), 'grpo') == 2
+    assert post_training_steps(types.SimpleNamespace(max_steps=6, post_training_steps={'dpo': 7}), 'dpo') == 7
