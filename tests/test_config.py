@@ -52,7 +52,7 @@ def test_param_counts_match_transformers_on_meta(name):
 
 
 def test_every_preset_counts_on_meta_and_edu_sizes():
-    for name in PRESETS:
+    for name in set(PRESETS) - set(RELEASED):  # the released sizes are built in the test above
         c = QwenConfig.from_preset(name)
         with torch.device('meta'): m = QwenForCausalLM(c)
         assert n_params(m) == c.num_params() == c.num_active_params(), name
