@@ -49,10 +49,10 @@ def test_incremental_decoding_equals_full_forward(pair):
 @pytest.mark.parametrize('seed,tie,yarn', [(0, True, False), (1, False, False), (2, True, True)])
 def test_greedy_equals_transformers_generate(seed, tie, yarn):
     model, hf = tiny(seed, tie=tie, rope_scaling={'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 64} if yarn else None)
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(PROMPTS[::2]):
         ids = torch.tensor([p])
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0)
-        assert generate(model, ids, max_new_tokens=24) == [ref[0, len(p):].tolist()], (seed, i)
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert generate(model, ids, max_new_tokens=20) == [ref[0, len(p):].tolist()], (seed, i)
 
 
 def test_greedy_batched_left_padded_equals_transformers(pair):
@@ -111,11 +111,9 @@ def test_sampling_distribution_matches_transformers_pipeline():
     for proc in [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)]:
         s = proc(past, s)
     ref = s.softmax(-1)
-    counts = torch.zeros(2, 50)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(4000):
-        t = next_token(logits, 0.7, 10, 0.8, 1.2, seen, gen)
-        counts[torch.arange(2), t] += 1
+    n = 4000  # draws per row, all in one batched call
+    t = next_token(logits.repeat(n, 1), 0.7, 10, 0.8, 1.2, seen.repeat(n, 1), torch.Generator().manual_seed(1))
+    counts = torch.nn.functional.one_hot(t.view(n, 2), 50).sum(0).float()
     assert ((counts > 0) <= (ref > 0)).all()  # never a filtered token
     torch.testing.assert_close(counts / 4000, ref, atol=0.03, rtol=0)
 
@@ -152,7 +150,7 @@ def test_pad_and_positions():
     assert positions_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
-def test_decode_layout_keeps_model(pair):
+def test_decode_layout_keeps_model(pair, tmp_path):
     import copy
     model, _ = pair
     fast = decode_layout(copy.deepcopy(model))
@@ -160,6 +158,8 @@ def test_decode_layout_keeps_model(pair):
     assert not fast.model.layers[0].mlp.up_proj.weight.is_contiguous()
     for (k, v), (_, w) in zip(model.state_dict().items(), fast.state_dict().items()): assert torch.equal(v, w), k
     assert generate(fast, PROMPTS, max_new_tokens=16) == generate(model, PROMPTS, max_new_tokens=16)
+    to_hf(fast, tmp_path)  # column-major weights save like any others
+    for (k, v), (_, w) in zip(model.state_dict().items(), from_hf(tmp_path).state_dict().items()): assert torch.equal(v, w), k
 
 
 def test_split_utf8():
