@@ -340,3 +340,16 @@ def test_bf16_close_to_transformers_bf16():
     assert a.logits.dtype == torch.bfloat16
     torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=0.07, rtol=0)  # a few bf16 ulps
     assert abs(a.loss.item() - b.loss.item()) < 5e-3
+
+
+def test_cache_with_gradients_concatenates_and_backpropagates():
+    cfg = make('tied_gqa2_theta1e4')
+    _, ours = twins(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    full = ours(ids).logits
+    o = ours(ids[:, :7], use_cache=True)
+    o2 = ours(ids[:, 7:], past_key_values=o.past_key_values, use_cache=True)
+    both = torch.cat([o.logits, o2.logits], 1)
+    torch.testing.assert_close(both, full, atol=1e-5, rtol=0)
+    both.sum().backward()
+    assert all(p.grad is not None for p in ours.parameters())
