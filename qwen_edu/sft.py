@@ -8,14 +8,14 @@ __all__ = ['ROLES', 'SYSTEM_PROMPT', 'CHAT_SPECIAL_TOKENS', 'check_messages', 'e
            'prompt_ids', 'sample', 'decode_response', 'generate_responses', 'task_accuracy', 'rejection_sample',
            'toy_model', 'pretrain_on_text', 'pretraining_texts', 'toy_models', 'save_stage', 'run_sft']
 
-# %% ../nbs/12_sft.ipynb #07ef2764
+# %% ../nbs/12_sft.ipynb #bc633b79
 import dataclasses, json, math, random, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .tasks import Example, make_examples, score
 
-# %% ../nbs/12_sft.ipynb #ddd5098f
+# %% ../nbs/12_sft.ipynb #8369f987
 ROLES = ('system', 'user', 'assistant', 'tool')
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -65,7 +65,7 @@ def assistant_mask(tokenizer, messages):
     "The 0/1 loss mask over the tokenized conversation: 1 on assistant content tokens and their <|im_end|>."
     return tokenize_conversation(tokenizer, messages)[1]
 
-# %% ../nbs/12_sft.ipynb #4ecfd056
+# %% ../nbs/12_sft.ipynb #c48ba490
 CHAT_SPECIAL_TOKENS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 
 def train_task_tokenizer(vocab_size=384, tasks=('arith', 'word', 'table', 'instruct'), n=400, seed=0):
@@ -75,7 +75,7 @@ def train_task_tokenizer(vocab_size=384, tasks=('arith', 'word', 'table', 'instr
     texts = [apply_chat_template(example_messages(e)) for lvl in (1, 2) for e in make_examples(list(tasks), n, seed=seed, level=lvl)]
     return BPETokenizer.train(texts, vocab_size, special_tokens=CHAT_SPECIAL_TOKENS)
 
-# %% ../nbs/12_sft.ipynb #b455c854
+# %% ../nbs/12_sft.ipynb #8eccc056
 def sft_batch(tokenized, pad_id, max_len=None):
     "Right-padded (input_ids, labels, attention_mask) from a list of (ids, mask); labels are -100 off the assistant mask."
     if not tokenized: raise ValueError("sft_batch got no conversations")
@@ -110,7 +110,7 @@ def pack_conversations(tokenized, seq_len, pad_id):
             pos[r, at:at + n] = torch.arange(n); at += n
     return input_ids, labels, pos
 
-# %% ../nbs/12_sft.ipynb #f9c03817
+# %% ../nbs/12_sft.ipynb #17c824ef
 def lr_schedule(step, total, lr, warmup=10, final_ratio=0.1):
     "Linear warm-up, then cosine decay from lr to lr*final_ratio."
     if step < warmup: return lr * (step + 1) / warmup
@@ -140,7 +140,7 @@ def sft_train(model, tokenizer, examples, steps=200, batch_size=32, lr=3e-3, wei
     model.eval()
     return losses
 
-# %% ../nbs/12_sft.ipynb #87de95e3
+# %% ../nbs/12_sft.ipynb #07de9b20
 def prompt_ids(tokenizer, ex, system=SYSTEM_PROMPT):
     "Token ids of a task prompt ready for generation (ends with `<|im_start|>assistant\\n`)."
     from qwen_edu.chat import apply_chat_template
@@ -195,7 +195,7 @@ def task_accuracy(model, tokenizer, examples, temperature=0.0, max_new_tokens=24
     resp = generate_responses(model, tokenizer, examples, 1, temperature, max_new_tokens, seed)
     return sum(score(e, r[0]) for e, r in zip(examples, resp)) / len(examples)
 
-# %% ../nbs/12_sft.ipynb #c105ac9b
+# %% ../nbs/12_sft.ipynb #f2e3c20a
 def rejection_sample(model, tokenizer, examples, k=8, keep=1, temperature=1.0, max_new_tokens=24, seed=0):
     "Examples whose solution is replaced by up to `keep` distinct sampled responses that pass the checker."
     out = []
@@ -204,7 +204,7 @@ def rejection_sample(model, tokenizer, examples, k=8, keep=1, temperature=1.0, m
         out += [dataclasses.replace(ex, solution=r) for r in good]
     return out
 
-# %% ../nbs/12_sft.ipynb #59bc78cd
+# %% ../nbs/12_sft.ipynb #976da38e
 def toy_model(tokenizer, seed=0, hidden_size=128, layers=2):
     "A very small edu-tiny variant sized for the CPU experiments of the post-training chapters."
     from qwen_edu.config import QwenConfig
@@ -237,7 +237,7 @@ def pretraining_texts(n=2000, tasks=('arith', 'word'), seed=100):
     "Task text without chat markup: the prompt followed by its worked solution."
     return [f"{e.prompt}\n{e.solution}" for e in make_examples(list(tasks), n, seed=seed, level=1)]
 
-# %% ../nbs/12_sft.ipynb #fc170c64
+# %% ../nbs/12_sft.ipynb #10ebd781
 def toy_models(cache_dir=None, pretrain_steps=150, sft_steps=400, hidden_size=128, seed=0, verbose=True):
     "(tokenizer, pre-trained model, SFT model) for the toy experiments, cached as .pt files in `cache_dir`."
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and kind to a shared machine
@@ -259,7 +259,7 @@ def toy_models(cache_dir=None, pretrain_steps=150, sft_steps=400, hidden_size=12
         torch.save(base.state_dict(), paths[0]); torch.save(sft.state_dict(), paths[1])
     return tok, base.eval(), sft.eval()
 
-# %% ../nbs/12_sft.ipynb #9a0e495d
+# %% ../nbs/12_sft.ipynb #59fb6267
 def save_stage(model, metrics, out_dir, name):
     "Write `{name}_model.pt` (state dict) and `{name}_metrics.json` under out_dir (created if needed)."
     if out_dir is None: return
