@@ -26,6 +26,7 @@ def to_json(x) -> str:
 def render_system(messages: list[dict], tools: list | None = None) -> str:
     "The system turn: the first message if it is a system message, else the default; plus the tools block."
     system = messages[0]['content'] if messages[0]['role'] == 'system' else DEFAULT_SYSTEM_PROMPT
+    if not isinstance(system, str): raise ValueError(f"messages[0] (system): content must be a str, got {type(system).__name__}")
     if tools: system += TOOLS_PREAMBLE + ''.join('\n' + to_json(t) for t in tools) + TOOLS_POSTAMBLE
     return f'<|im_start|>system\n{system}<|im_end|>\n'
 
@@ -91,6 +92,7 @@ def parse_tool_calls(text: str) -> list[dict]:
 
 def parse_assistant_message(text: str) -> dict:
     "Generated assistant text (after `<|im_start|>assistant\\n`) -> a message dict with `tool_calls` if any."
+    if not isinstance(text, str): raise TypeError(f"parse_assistant_message expects a str, got {type(text).__name__}")
     text = text.removesuffix('<|im_end|>')
     calls = parse_tool_calls(text)
     if not calls: return {'role': 'assistant', 'content': text}

@@ -121,6 +121,11 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match='role must be one of'): apply_chat_template([{'role': 'function', 'content': 'x'}])
     with pytest.raises(ValueError, match='content must be a str'): apply_chat_template([{'role': 'user'}])
     with pytest.raises(ValueError, match='content must be a str'): apply_chat_template([{'role': 'tool', 'content': {'a': 1}}])
+    # a non-str system prompt used to be rendered as the text 'None' (or fail inside string concatenation with tools)
+    for tools in (None, [WEATHER]):
+        with pytest.raises(ValueError, match=r'messages\[0\] \(system\): content must be a str'):
+            apply_chat_template([{'role': 'system', 'content': None}, {'role': 'user', 'content': 'x'}], tools)
+    with pytest.raises(TypeError, match='expects a str'): parse_assistant_message(None)
     with pytest.raises(TypeError, match='tools must be a list'): apply_chat_template([{'role': 'user', 'content': 'x'}], tools=[print])
     with pytest.raises(ValueError, match="needs a 'name'"):
         apply_chat_template([{'role': 'assistant', 'content': '', 'tool_calls': [{'function': {'name': 'f'}}]}])
