@@ -444,7 +444,8 @@ class BPETokenizer:
 
     def id_to_token(self, i: int) -> str:
         "The token of id `i` as it appears in tokenizer.json (bytes mapped by `bytes_to_unicode`)."
-        b = self._decoder[i]
+        b = self._decoder.get(i) if isinstance(i, int) else None
+        if b is None: raise ValueError(f"no token with id {i!r}: ids are ints in 0..{self.vocab_size - 1}")
         return b.decode() if i >= len(self.token_bytes) else ''.join(BYTE_TO_UNICODE[c] for c in b)
 
 # %% ../nbs/01_tokenizer.ipynb #72f6b843

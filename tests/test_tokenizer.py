@@ -151,6 +151,9 @@ def test_bad_input_errors(qwen, trained, tmp_path):
     with pytest.raises(ValueError, match='ints in 0..151664'): qwen.decode([1, 151665])
     with pytest.raises(ValueError, match='cannot decode id -1'): qwen.decode([-1])
     with pytest.raises(ValueError, match='cannot decode id'): qwen.decode([1.5])
+    assert qwen.id_to_token(9707) == 'Hello' and qwen.id_to_token(151645) == '<|im_end|>'
+    with pytest.raises(ValueError, match='no token with id 151665'): qwen.id_to_token(151665)
+    with pytest.raises(ValueError, match='no token with id'): qwen.id_to_token('9707')
     with pytest.raises(ValueError, match='vocab_size must be'): BPETokenizer.train('abc', 100)
     with pytest.raises(TypeError, match='must be str'): BPETokenizer.train([b'abc'], 300)
     with pytest.raises(FileNotFoundError): BPETokenizer.from_tiktoken(tmp_path / 'missing.tiktoken')
