@@ -5,26 +5,27 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'info_cli', 'main']
 
-# %% ../nbs/99_cli.ipynb #ea4126a4
+# %% ../nbs/99_cli.ipynb #ada1554e
 import importlib, sys
 import qwen_edu
 
-# %% ../nbs/99_cli.ipynb #1e3f2510
+# %% ../nbs/99_cli.ipynb #1b0a8052
 COMMANDS = {  # subcommand -> (module, function taking argv, one-line help)
     'info': ('qwen_edu.cli', 'info_cli', 'print the version and the available commands'),
     'tokenizer': ('qwen_edu.tokenizer', 'tokenizer_cli', 'train a BPE tokenizer or encode/decode text (chapter 01)'),
+    'params': ('qwen_edu.config', 'params_cli', 'the preset table: shapes, parameter counts, FLOPs per token (chapter 03)'),
     'chat': ('qwen_edu.generate', 'chat_cli', 'chat with a local or Hub Qwen2.5 checkpoint (chapter 07)'),
     'data': ('qwen_edu.data', 'data_cli', 'build the filtered, mixed, decontaminated token shards (chapter 09)'),
     'train': ('qwen_edu.train', 'train_cli', 'pre-train a model, on one device or many via torchrun (chapter 10)'),
 }
 
-# %% ../nbs/99_cli.ipynb #2e2b9867
+# %% ../nbs/99_cli.ipynb #59fa5092
 def info_cli(argv=None):
     "Print the version and the modules that make up the package."
     print(f"qwen-edu {qwen_edu.__version__}")
     for name, (mod, fn, help) in COMMANDS.items(): print(f"  {name:10s} {help}")
 
-# %% ../nbs/99_cli.ipynb #686db650
+# %% ../nbs/99_cli.ipynb #ec01b7c1
 def main(argv=None):
     "Entry point of the `qwen-edu` console script."
     argv = list(sys.argv[1:] if argv is None else argv)
