@@ -26,11 +26,12 @@ class ByteTokenizer:
     special_tokens = {'<|endoftext|>': 256}
     def encode(self, text, allowed_special=(), disallowed_special=()):
         "UTF-8 bytes; '<|endoftext|>' becomes id 256 only when allowed (tiktoken semantics), else stays text."
+        if not isinstance(text, str): raise TypeError(f"encode expects a str, got {type(text).__name__}")
         if allowed_special == 'all' or '<|endoftext|>' in allowed_special:
             parts = text.split('<|endoftext|>')
             return [i for k, p in enumerate(parts) for i in ([256] if k else []) + list(p.encode('utf-8'))]
         return list(text.encode('utf-8'))
-    def encode_batch(self, texts, **kw): return [self.encode(t) for t in texts]
+    def encode_batch(self, texts, **kw): return [self.encode(t, **kw) for t in texts]
     def decode_bytes(self, ids): return bytes(i for i in ids if i < 256)
     def decode(self, ids): return self.decode_bytes(ids).decode('utf-8', errors='replace')
 
@@ -61,16 +62,20 @@ def pack_documents(texts, tokenizer, eos_id=None):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 # %% ../nbs/09_data.ipynb #e81c19dc
-def _atomic_write(path, write_fn):
-    "Call `write_fn(file)` on a temp file next to `path`, then atomically rename it to `path`."
+def _write_temp(path, write_fn):
+    "Call `write_fn(file)` on a new temp file next to `path`, fsync it and return its path (removed on failure)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f: write_fn(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
         raise
+    return tmp
+
+def _atomic_write(path, write_fn):
+    "Call `write_fn(file)` on a temp file next to `path`, then atomically rename it to `path`."
+    os.replace(_write_temp(path, write_fn), path)
 
 def _file_sha256(path, chunk=1 << 20):
     h = hashlib.sha256()
@@ -90,13 +95,19 @@ def write_shards(out_dir, splits, vocab_size, eos_id, tokenizer_path=None, dtype
                              f"the vocab_size does not match the tokenizer that produced the ids")
         if a.size == 0: raise ValueError(f"split {name!r} is empty: nothing to write (is the corpus empty?)")
         arrays[name] = a.astype(dt.newbyteorder('<'))
-    out = Path(out_dir)
-    for name, a in arrays.items(): _atomic_write(out/f'{name}.bin', lambda f, a=a: f.write(a.tobytes()))
-    meta = dict(dtype=dt.name, vocab_size=int(vocab_size), eos_id=None if eos_id is None else int(eos_id),
-                n_tokens={k: int(v.size) for k, v in arrays.items()},
-                tokenizer=None if tokenizer_path is None else str(tokenizer_path),
-                sha256={k: _file_sha256(out/f'{k}.bin') for k in arrays}, **(extra or {}))
-    _atomic_write(out/'meta.json', lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    out, tmps = Path(out_dir), {}                         # target path -> written temp file
+    try:                                                  # write everything first, then rename: no mixed states
+        for name, a in arrays.items(): tmps[out/f'{name}.bin'] = _write_temp(out/f'{name}.bin', lambda f, a=a: f.write(a.tobytes()))
+        meta = dict(dtype=dt.name, vocab_size=int(vocab_size), eos_id=None if eos_id is None else int(eos_id),
+                    n_tokens={k: int(v.size) for k, v in arrays.items()},
+                    tokenizer=None if tokenizer_path is None else str(tokenizer_path),
+                    sha256={k: _file_sha256(tmps[out/f'{k}.bin']) for k in arrays}, **(extra or {}))
+        tmps[out/'meta.json'] = _write_temp(out/'meta.json', lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    except BaseException:
+        for t in tmps.values():
+            if os.path.exists(t): os.remove(t)
+        raise
+    for path, t in tmps.items(): os.replace(t, path)      # meta.json last
     return meta
 
 # %% ../nbs/09_data.ipynb #329e3d75
@@ -666,7 +677,7 @@ def decontaminate(train_seqs, test_seqs, min_lcs=13, ratio=0.6, prefilter='ngram
     "Indices of the training sequences to drop under the Qwen2.5 LCS rule, and the (train, test, lcs) hits."
     if prefilter not in ('ngram', 'bag', 'none'): raise ValueError(f"prefilter must be 'ngram', 'bag' or 'none', got {prefilter!r}")
     if prefilter == 'ngram' and not 1 <= ngram <= min_lcs:
-        raise ValueError(f"ngram must be in [1, min_lcs={min_lcs}] or the prefilter can miss pairs the rule catches")
+        raise ValueError(f"ngram must be in [1, min_lcs={min_lcs}]: a longer n-gram misses even verbatim copies of min_lcs tokens")
     tests = [np.asarray(e, np.int64) for e in test_seqs]
     live = [j for j, e in enumerate(tests) if len(e) >= min_lcs]          # shorter items can never trigger the rule
     if not live: return [], [], dict(windows=0, candidates=0)
@@ -789,6 +800,7 @@ def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixtu
         clf = DomainClassifier().fit([d['text'] for d in ref], [d['domain'] for d in ref])
         for d, p in zip(unlabeled, clf.predict([d['text'] for d in unlabeled])): d['domain'] = p
         steps['domain_classifier'] = dict(labelled=dict(Counter(d['domain'] for d in unlabeled))); lap('domain_classifier')
+    trained = None
     if isinstance(tokenizer, (int, np.integer)):
         from qwen_edu.tokenizer import BPETokenizer
         sample, n = [], 0
@@ -796,8 +808,8 @@ def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixtu
             if n > 2_000_000: break
             sample.append(d['text']); n += len(d['text'])
         tokenizer = BPETokenizer.train(sample, int(tokenizer), special_tokens=['<|endoftext|>'])
-        tokenizer_path = tokenizer.save_hf(out/'tokenizer')
-        _log(verbose, f"trained {tokenizer} on {n/1e6:.2f} MB, saved to {tokenizer_path}"); lap('tokenizer_training')
+        trained, tokenizer_path = tokenizer, out/'tokenizer'  # saved only once every check has passed (below)
+        _log(verbose, f"trained {tokenizer} on {n/1e6:.2f} MB"); lap('tokenizer_training')
     ids = tokenizer.encode_batch([d['text'] for d in docs], disallowed_special=())
     for d, i in zip(docs, ids): d['ids'] = i
     steps['tokenize'] = dict(tokens=int(sum(map(len, ids)))); lap('tokenize')
@@ -827,6 +839,7 @@ def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixtu
         train, mix = mix_domains(train, mixture, seed=seed)
         steps['mixture'] = mix; lap('mixture')
     eos = tokenizer.eos_id
+    if trained is not None: trained.save_hf(tokenizer_path)  # not earlier: a failed rebuild must keep the old tokenizer
     pack = lambda ds: np.concatenate([a for d in ds for a in (np.asarray(d['ids'], np.int64), np.array([eos], np.int64))])
     meta = write_shards(out, {'train': pack(train), 'val': pack(val)}, tokenizer.vocab_size, eos, tokenizer_path,
                         dtype, extra=dict(manifest='manifest.json'))
@@ -844,16 +857,13 @@ def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixtu
 
 # %% ../nbs/09_data.ipynb #42815d09
 def load_tokenizer(spec):
-    "A tokenizer from 'bytes', 'qwen', a .tiktoken file or a directory holding tokenizer.json."
-    from qwen_edu.tokenizer import BPETokenizer
+    "(tokenizer, path) from 'bytes', 'qwen', a .tiktoken file, a tokenizer.json file or a directory holding one."
+    from qwen_edu import tokenizer as T
     if spec == 'bytes': return ByteTokenizer(), None
-    if spec == 'qwen':
-        from qwen_edu.tokenizer import qwen_tiktoken_path
-        p = qwen_tiktoken_path(); return BPETokenizer.from_tiktoken(p), p
-    p = Path(spec)
-    if not p.exists(): raise FileNotFoundError(f"tokenizer {spec!r} not found; pass a .tiktoken file, a directory with "
-                                               f"tokenizer.json, 'qwen', 'bytes', or omit it to train one (--vocab-size)")
-    return (BPETokenizer.from_tiktoken(p) if p.is_file() else BPETokenizer.from_hf(p)), p
+    p = T.qwen_tiktoken_path() if spec == 'qwen' else Path(spec)
+    if not p.exists(): raise FileNotFoundError(f"tokenizer {spec!r} not found; pass a .tiktoken file, a tokenizer.json "
+                                               f"or a directory with one, 'qwen', 'bytes', or omit it to train one (--vocab-size)")
+    return T.load_tokenizer(p), p                          # the same dispatch as `qwen-edu tokenizer --tokenizer`
 
 def _parse_mixture(s):
     if not s: return None

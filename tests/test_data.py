@@ -29,6 +29,8 @@ def test_pack_documents_keeps_literal_special_text_and_separates_with_eos():
     assert a.tolist() == [*b'x<|endoftext|>y', 256, *b'z', 256]
     assert (a == tok.eos_id).sum() == 2
     assert tok.encode('x<|endoftext|>y', allowed_special='all') == [120, 256, 121]   # tiktoken semantics
+    assert tok.encode_batch(['x<|endoftext|>y'], allowed_special='all') == [[120, 256, 121]]  # keywords passed on
+    with pytest.raises(TypeError, match='expects a str'): tok.encode(b'x')
 
 
 def test_bad_vocab_for_dtype_keeps_existing_shards(tmp_path):
@@ -43,6 +45,35 @@ def test_bad_vocab_for_dtype_keeps_existing_shards(tmp_path):
     with pytest.raises(ValueError, match='empty'):
         D.write_shards(tmp_path, {'train': np.zeros(0, int)}, vocab_size=300, eos_id=0)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before   # nothing lost, no temp files left
+
+
+def _snapshot(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob('*') if p.is_file()}
+
+
+def test_write_shards_failure_midway_keeps_the_old_set(tmp_path, monkeypatch):
+    D.write_shards(tmp_path, {'train': np.arange(100), 'val': np.arange(10)}, 1000, 0)
+    before, real = _snapshot(tmp_path), D._write_temp
+    def disk_full_on_val(path, fn):
+        if Path(path).name == 'val.bin': raise OSError('disk full')
+        return real(path, fn)
+    monkeypatch.setattr(D, '_write_temp', disk_full_on_val)
+    with pytest.raises(OSError, match='disk full'):
+        D.write_shards(tmp_path, {'train': np.arange(200), 'val': np.arange(20)}, 1000, 0)
+    assert _snapshot(tmp_path) == before                      # old train.bin kept with its val.bin and meta.json
+    monkeypatch.setattr(D, '_write_temp', real)
+    D.write_shards(tmp_path, {'train': np.arange(200), 'val': np.arange(20)}, 1000, 0)
+    assert len(D.open_tokens(tmp_path, 'train')) == 200 and len(D.open_tokens(tmp_path, 'val')) == 20
+
+
+def test_failed_rebuild_keeps_the_trained_tokenizer(tmp_path):
+    kw = dict(size=100_000, quality_drop=0, near_dup_threshold=0)
+    D.build_corpus(tmp_path, 300, **kw)
+    before = _snapshot(tmp_path)
+    assert 'tokenizer/tokenizer.json' in before
+    with pytest.raises(FileNotFoundError, match='test set'):  # fails after a new (vocab 400) tokenizer was trained
+        D.build_corpus(tmp_path, 400, test_sets=str(tmp_path/'missing.jsonl'), **kw)
+    assert _snapshot(tmp_path) == before                      # the shards still match the tokenizer beside them
 
 
 def test_open_tokens_errors(tmp_path):
@@ -338,6 +369,16 @@ def test_build_corpus_bad_input_keeps_existing(tmp_path):
     (tmp_path/'empty.jsonl').unlink()
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before
+
+
+def test_load_tokenizer_accepts_the_files_save_hf_writes(tmp_path):
+    from qwen_edu.tokenizer import BPETokenizer
+    ref = BPETokenizer.train('some text to learn from ' * 20, 300, special_tokens=['<|endoftext|>'])
+    ref.save_hf(tmp_path/'t')
+    for spec in (tmp_path/'t', tmp_path/'t'/'tokenizer.json'):   # a tokenizer.json file used to be read as .tiktoken
+        tok, p = D.load_tokenizer(str(spec))
+        assert p == spec and tok.vocab_size == ref.vocab_size and tok.encode('some text') == ref.encode('some text')
+    with pytest.raises(FileNotFoundError, match='not found'): D.load_tokenizer(str(tmp_path/'nope'))
 
 
 def test_data_cli(tmp_path, capsys):
