@@ -8,9 +8,10 @@ __all__ = ['MODEL_FIELDS', 'PEAK_BF16_FLOPS', 'TrainConfig', 'check_train_config
            'resolve_data', 'unigram_baseline', 'lm_loss', 'evaluate', 'token_byte_lengths', 'load_tokenizer_for',
            'unique_state_dict', 'rng_state', 'set_rng_state', 'save_checkpoint', 'list_checkpoints',
            'latest_checkpoint', 'verify_checkpoint', 'load_checkpoint', 'read_metrics', 'truncate_metrics',
-           'plot_losses', 'TrainResult', 'build_model_config', 'train', 'train_parser', 'train_cli']
+           'plot_losses', 'TrainResult', 'build_model_config', 'train', 'load_trained_model', 'train_parser',
+           'train_cli']
 
-# %% ../nbs/10_train.ipynb #22694f30
+# %% ../nbs/10_train.ipynb #ffaec37d
 import builtins, dataclasses, hashlib, json, math, os, random, shutil, sys, time, typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/10_train.ipynb #30feded7
+# %% ../nbs/10_train.ipynb #f768e31c
 @dataclass
 class TrainConfig:
     "Everything one pre-training run needs; the CLI flags are these fields."
@@ -67,7 +68,7 @@ class TrainConfig:
 MODEL_FIELDS = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
                 'num_key_value_heads', 'rope_theta', 'rope_scaling')
 
-# %% ../nbs/10_train.ipynb #2b733d0e
+# %% ../nbs/10_train.ipynb #63fa2ea1
 def check_train_config(cfg: TrainConfig):
     "Raise a ValueError naming the bad field and what to do."
     for k in ('max_steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'eval_batches', 'log_every',
@@ -88,7 +89,7 @@ def check_train_config(cfg: TrainConfig):
     if cfg.device not in ('auto', 'cpu', 'cuda'): raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     return cfg
 
-# %% ../nbs/10_train.ipynb #99591090
+# %% ../nbs/10_train.ipynb #3791902f
 def lr_at(step, max_steps, lr, warmup_steps=0, min_lr_ratio=0.1, schedule='cosine', decay_frac=0.2):
     "Learning rate for optimizer step `step` (0-based)."
     if step < warmup_steps: return lr * (step + 1) / warmup_steps
@@ -104,7 +105,7 @@ def lr_at(step, max_steps, lr, warmup_steps=0, min_lr_ratio=0.1, schedule='cosin
         return lr + (min_lr - lr) * min(1.0, (step - decay_start + 1) / max(1, max_steps - decay_start))
     raise ValueError(f"unknown schedule {schedule!r}; use 'cosine', 'wsd' or 'constant'")
 
-# %% ../nbs/10_train.ipynb #ed805a5d
+# %% ../nbs/10_train.ipynb #b2d0aafc
 def param_groups(model: nn.Module, weight_decay: float):
     "Two AdamW groups: matrices (decayed) and vectors (not decayed)."
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -117,7 +118,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=1e-8, **(dict(fused=True) if on_cuda else {}))
 
-# %% ../nbs/10_train.ipynb #39b2ab97
+# %% ../nbs/10_train.ipynb #6461b8c8
 def init_distributed(device='auto'):
     "Join the torchrun process group if there is one; return (rank, world_size, device)."
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -153,7 +154,7 @@ def autocast_for(device: torch.device, dtype='auto'):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
-# %% ../nbs/10_train.ipynb #24782172
+# %% ../nbs/10_train.ipynb #1b337038
 PEAK_BF16_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12, '4090': 165e12}
 
 def peak_flops(device: torch.device):
@@ -162,7 +163,7 @@ def peak_flops(device: torch.device):
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
-# %% ../nbs/10_train.ipynb #942a620c
+# %% ../nbs/10_train.ipynb #a6557586
 def load_shards(data_dir):
     "(train tokens, val tokens, meta) from a shard directory, with a clear error when something is missing."
     from qwen_edu.data import open_tokens
@@ -181,14 +182,14 @@ def resolve_data(data):
         return prepare_builtin_data()
     return Path(data)
 
-# %% ../nbs/10_train.ipynb #131df653
+# %% ../nbs/10_train.ipynb #327b5d25
 def unigram_baseline(train_tokens, val_targets, vocab_size):
     "Cross-entropy (nats/token) on `val_targets` of the add-one smoothed train unigram distribution."
     counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size] + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[np.asarray(val_targets, dtype=np.int64)].mean())
 
-# %% ../nbs/10_train.ipynb #42bdaa22
+# %% ../nbs/10_train.ipynb #b101d846
 def lm_loss(out, y, aux_coef=0.0, reduction='mean'):
     "Cross-entropy of `out.logits` against next tokens `y` (fp32), plus the MoE aux loss if any."
     logits = out.logits
@@ -216,7 +217,7 @@ def evaluate(model, batches, device, token_bytes=None, autocast=nullcontext, ran
     bpb = (sums[2] / (math.log(2) * sums[3])).item() if token_bytes is not None and sums[3] > 0 else None
     return dict(val_loss=loss, val_bpb=bpb)
 
-# %% ../nbs/10_train.ipynb #2c0b6bf4
+# %% ../nbs/10_train.ipynb #69b1de11
 def token_byte_lengths(tokenizer, vocab_size):
     "UTF-8 bytes of each token id (0 for control tokens), as a tensor for `evaluate`."
     special = set(getattr(tokenizer, 'special_tokens', {}).values())
@@ -233,7 +234,7 @@ def load_tokenizer_for(meta, data_dir):
     from qwen_edu.tokenizer import BPETokenizer
     return BPETokenizer.from_hf(p)
 
-# %% ../nbs/10_train.ipynb #58a6df1e
+# %% ../nbs/10_train.ipynb #cd12cd14
 def _sha256(path):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -261,7 +262,7 @@ def set_rng_state(s):
     random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
     if s.get('cuda') is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-# %% ../nbs/10_train.ipynb #9da1af89
+# %% ../nbs/10_train.ipynb #e0adb510
 def save_checkpoint(ckpt_root, step, model_sd, state, keep=2):
     "Write step_XXXXXX atomically (tmp dir + rename), then point `latest` at it; return its path."
     from safetensors.torch import save_file
@@ -311,7 +312,7 @@ def load_checkpoint(path):
     verify_checkpoint(path)
     return load_file(str(Path(path) / 'model.safetensors')), torch.load(Path(path) / 'state.pt', weights_only=False)
 
-# %% ../nbs/10_train.ipynb #e46a10fe
+# %% ../nbs/10_train.ipynb #7e4afa82
 def read_metrics(path):
     "The list of dicts in a metrics.jsonl file."
     p = Path(path)
@@ -334,7 +335,7 @@ def plot_losses(metrics, path, baseline=None, title=None):
     if title: ax.set_title(title)
     fig.tight_layout(); fig.savefig(path); return Path(path)
 
-# %% ../nbs/10_train.ipynb #c0e31bbf
+# %% ../nbs/10_train.ipynb #b517e306
 @dataclass
 class TrainResult:
     "What a run produced: final figures and where its files are."
@@ -391,7 +392,7 @@ def _load_weights(raw, sd):
     bad = [k for k in missing if k in kept] + list(unexpected)
     if bad: raise ValueError(f"checkpoint does not match the model (keys {bad[:5]}); resume with the same preset and sizes")
 
-# %% ../nbs/10_train.ipynb #ed43fda8
+# %% ../nbs/10_train.ipynb #ebead43e
 def _wrap(raw, cfg, world, device):
     "Apply FSDP2 or DDP (when world > 1) and torch.compile; return (model to call, wrapper)."
     wrapped = raw
@@ -412,7 +413,7 @@ def _validation_batches(val_tokens, cfg, world):
     vb = RandomBatches(val_tokens, cfg.batch_size, cfg.seq_len, 1234)
     return [vb.batch(i) for i in range(n)]
 
-# %% ../nbs/10_train.ipynb #6ea6498d
+# %% ../nbs/10_train.ipynb #1a614302
 def train(cfg: TrainConfig, model_config=None) -> TrainResult:
     "Pre-train a QwenForCausalLM as `cfg` says (1 process, or one per torchrun rank); return the figures."
     from qwen_edu.data import RandomBatches
@@ -516,9 +517,22 @@ def train(cfg: TrainConfig, model_config=None) -> TrainResult:
                        val_bpb=ev.get('val_bpb'), unigram_loss=unigram, tokens_per_s=tps, mfu=mfu,
                        elapsed_s=time.perf_counter() - t0, checkpoint=ckpt, plot=plot, model=raw, model_config=mc)
 
-# %% ../nbs/10_train.ipynb #7e192e6c
-def _field_type(f):
-    t = typing.get_type_hints(TrainConfig)[f.name]
+# %% ../nbs/10_train.ipynb #1c726a17
+def load_trained_model(path, device='cpu'):
+    "QwenForCausalLM from a run directory (its latest checkpoint) or a checkpoint directory."
+    from qwen_edu.config import QwenConfig
+    from qwen_edu.model import QwenForCausalLM
+    p = Path(path)
+    if (p / 'ckpt').is_dir(): p = latest_checkpoint(p / 'ckpt') or p / 'ckpt'
+    sd, state = load_checkpoint(p)
+    if not state.get('model_config'): raise ValueError(f"checkpoint {p} holds no model config; it was not written by train()")
+    model = QwenForCausalLM(QwenConfig(**state['model_config']))
+    _load_weights(model, sd)
+    return model.to(device).eval()
+
+# %% ../nbs/10_train.ipynb #d664130c
+def _field_type(f, cls=TrainConfig):
+    t = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     return args[0] if args else t
 
@@ -528,7 +542,7 @@ def train_parser(cls=TrainConfig, prog='qwen-edu train'):
     p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        flag, t = '--' + f.name.replace('_', '-'), _field_type(f)
+        flag, t = '--' + f.name.replace('_', '-'), _field_type(f, cls)
         if t is bool: p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif t is dict: p.add_argument(flag, type=json.loads, default=f.default, help='JSON object')
         else: p.add_argument(flag, type=t, default=f.default)
@@ -553,5 +567,5 @@ def _run_as_script():
     "True under `python -m qwen_edu.train`, False inside Jupyter or nbdev's test shell."
     return __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__') and 'ipykernel' not in sys.modules
 
-# %% ../nbs/10_train.ipynb #29472c74
+# %% ../nbs/10_train.ipynb #d81c0b03
 if _run_as_script(): sys.exit(train_cli())

@@ -74,6 +74,9 @@ def test_stop_and_resume_is_bit_exact(shards, tmp_path):
     assert losses(tmp_path / 'full') == losses(tmp_path / 'cut')
     for (k, v), (k2, v2) in zip(full.model.state_dict().items(), res.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
+    loaded = T.load_trained_model(tmp_path / 'full')  # rebuilt from the checkpoint's config + weights
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad(): assert torch.equal(loaded(x).logits, full.model.eval()(x).logits)
 
 
 def test_crash_during_checkpoint_keeps_latest(shards, tmp_path, monkeypatch):
@@ -163,3 +166,14 @@ def test_cli_flags_cover_the_config():
     a = train_parser().parse_args(['--max-steps', '7', '--stop-at-step', '3', '--resume', '--rope-theta', '10000'])
     assert (a.max_steps, a.stop_at_step, a.resume, a.rope_theta) == (7, 3, True, 10000.0)
     assert set(vars(a)) == set(vars(TrainConfig()))
+
+
+def test_gpu_mfu_bench_runs_in_smoke_mode(tmp_path):
+    "bench/gpu/bench_mfu.py --smoke runs the GPU benchmark's code path on the CPU and reports tokens/s and MFU."
+    script = Path(__file__).parents[1] / 'bench' / 'gpu' / 'bench_mfu.py'
+    r = subprocess.run([sys.executable, str(script), '--smoke', '--peak-flops', '1e11', '--json', str(tmp_path / 'r.json')],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / 'r.json').read_text())
+    assert res['tokens_per_s'] > 0 and res['smoke'] and math.isfinite(res['final_loss'])
+    assert res['mfu'] == pytest.approx(res['tokens_per_s'] * res['flops_per_token'] / 1e11, rel=1e-3)  # tokens_per_s is rounded
