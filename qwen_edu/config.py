@@ -65,6 +65,12 @@ class QwenConfig:
         if self.num_experts < 0 or (self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts):
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
                              f"({self.num_experts}) for an MoE config")
+        if self.num_experts == 0 and (self.num_experts_per_tok or self.moe_intermediate_size):
+            raise ValueError(f"num_experts is 0 (a dense model) but MoE layers are requested (num_experts_per_tok="
+                             f"{self.num_experts_per_tok}, moe_intermediate_size={self.moe_intermediate_size}); set "
+                             f"num_experts > 0 for an MoE model, or leave the MoE fields at 0 for a dense one")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size must be > 0 for an MoE config, got {self.moe_intermediate_size}")
         if self.num_experts and self.decoder_sparse_step < 1:
             raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         if self.dual_chunk_attention_config is not None:

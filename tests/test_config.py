@@ -107,6 +107,8 @@ def test_overrides_and_roundtrip():
     (dict(rope_scaling={"type": "yarn"}), 'factor'),
     (dict(rope_scaling={"type": "longrope", "factor": 2.0}), 'not supported'),
     (dict(num_experts=4, num_experts_per_tok=5), 'num_experts_per_tok'),
+    (dict(num_experts=0, num_experts_per_tok=4, moe_intermediate_size=1408), 'num_experts is 0'),
+    (dict(num_experts=4, num_experts_per_tok=2), 'moe_intermediate_size must be > 0'),
     (dict(dual_chunk_attention_config={"chunk_size": 8, "local_size": 8}), 'local_size < chunk_size'),
 ])
 def test_bad_configs_raise_clear_errors(kw, msg):

@@ -311,7 +311,7 @@ def test_moe_hook_builds_sparse_layers_and_adds_aux_loss(monkeypatch):
     from qwen_edu.model import causal_lm_loss
     torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, ids) + 0.01 * out.aux_loss)
     torch.testing.assert_close(out.aux_loss, fake_lb(out.router_logits, 6, 2))
-    dense = QwenForCausalLM(QwenConfig(**{**cfg.to_dict(), 'num_experts': 0}))
+    dense = QwenForCausalLM(QwenConfig(**{**cfg.to_dict(), 'num_experts': 0, 'num_experts_per_tok': 0, 'moe_intermediate_size': 0}))
     o = dense(ids, labels=ids)
     assert o.aux_loss is None and o.router_logits is None
 
