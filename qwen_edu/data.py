@@ -766,6 +766,34 @@ def _cross_fit_scores(ids, trusted, vocab_size, order=3):
 def _log(verbose, *a):
     if verbose: print(*a, flush=True)
 
+def _label_domains(docs, seed=0):
+    "Give documents without a 'domain' one from a `DomainClassifier` fitted on the labelled ones; return the counts."
+    unlabeled = [d for d in docs if d.get('domain') is None]
+    if not unlabeled: return {}
+    ref = [d for d in docs if d.get('domain') is not None] or builtin_documents(600_000, seed=seed)
+    clf = DomainClassifier().fit([d['text'] for d in ref], [d['domain'] for d in ref])
+    for d, p in zip(unlabeled, clf.predict([d['text'] for d in unlabeled])): d['domain'] = p
+    return dict(Counter(d['domain'] for d in unlabeled))
+
+def _train_tokenizer_on(docs, vocab_size, seed=0, max_chars=2_000_000):
+    "A `BPETokenizer` with `<|endoftext|>`, trained on a seeded sample of about `max_chars` characters of `docs`."
+    from qwen_edu.tokenizer import BPETokenizer
+    sample, n = [], 0
+    for d in random.Random(seed).sample(docs, len(docs)):
+        if n > max_chars: break
+        sample.append(d['text']); n += len(d['text'])
+    return BPETokenizer.train(sample, vocab_size, special_tokens=['<|endoftext|>'])
+
+def _decontaminate_documents(docs, tests, tokenizer, min_lcs=13, ratio=0.6, prefilter='ngram', ngram=8):
+    "Drop the documents (with 'ids') that `decontaminate` flags against the test sets `tests` ({name: texts})."
+    te = [s for v in tests.values() for s in tokenizer.encode_batch(v, disallowed_special=())]
+    drop, hits, st = decontaminate([d['ids'] for d in docs], te, min_lcs=min_lcs, ratio=ratio, prefilter=prefilter, ngram=ngram)
+    names = [n for n, v in tests.items() for _ in v]
+    step = dict(dropped=len(drop), test_items=len(te), prefilter=prefilter, ngram=ngram, min_lcs=min_lcs, ratio=ratio, **st,
+                hits=[dict(doc=docs[i]['source'], test_set=names[j], test_item=j, lcs=l) for i, j, l in hits])
+    ds = set(drop)
+    return [d for i, d in enumerate(docs) if i not in ds], step
+
 def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixture=None, test_sets=None,
                  val_fraction=0.02, quality_drop=0.05, near_dup_threshold=0.8, heuristics=None, min_lcs=13,
                  lcs_ratio=0.6, prefilter='ngram', ngram=8, seed=0, dtype=None, tokenizer_path=None, verbose=False):
@@ -794,22 +822,13 @@ def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixtu
         st = {}; docs, dropped = near_dedup(docs, threshold=near_dup_threshold, seed=seed, stats=st)
         steps['near_dedup'] = dict(dropped=len(dropped), candidates=st['candidates']); lap('near_dedup')
     if not docs: raise ValueError(f"all documents were removed by the filters ({steps}); loosen heuristics= or add data")
-    unlabeled = [d for d in docs if d.get('domain') is None]
-    if unlabeled:
-        ref = [d for d in docs if d.get('domain') is not None] or builtin_documents(600_000, seed=seed)
-        clf = DomainClassifier().fit([d['text'] for d in ref], [d['domain'] for d in ref])
-        for d, p in zip(unlabeled, clf.predict([d['text'] for d in unlabeled])): d['domain'] = p
-        steps['domain_classifier'] = dict(labelled=dict(Counter(d['domain'] for d in unlabeled))); lap('domain_classifier')
+    labelled = _label_domains(docs, seed)
+    if labelled: steps['domain_classifier'] = dict(labelled=labelled); lap('domain_classifier')
     trained = None
     if isinstance(tokenizer, (int, np.integer)):
-        from qwen_edu.tokenizer import BPETokenizer
-        sample, n = [], 0
-        for d in random.Random(seed).sample(docs, len(docs)):
-            if n > 2_000_000: break
-            sample.append(d['text']); n += len(d['text'])
-        tokenizer = BPETokenizer.train(sample, int(tokenizer), special_tokens=['<|endoftext|>'])
-        trained, tokenizer_path = tokenizer, out/'tokenizer'  # saved only once every check has passed (below)
-        _log(verbose, f"trained {tokenizer} on {n/1e6:.2f} MB"); lap('tokenizer_training')
+        tokenizer = trained = _train_tokenizer_on(docs, int(tokenizer), seed)
+        tokenizer_path = out/'tokenizer'                   # saved only once every check has passed (below)
+        _log(verbose, f"trained {tokenizer}"); lap('tokenizer_training')
     ids = tokenizer.encode_batch([d['text'] for d in docs], disallowed_special=())
     for d, i in zip(docs, ids): d['ids'] = i
     steps['tokenize'] = dict(tokens=int(sum(map(len, ids)))); lap('tokenize')
@@ -821,14 +840,9 @@ def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixtu
         lap('quality')
     tests = load_test_texts(test_sets)
     if tests:
-        te = [s for v in tests.values() for s in tokenizer.encode_batch(v, disallowed_special=())]
-        drop, hits, st = decontaminate([d['ids'] for d in docs], te, min_lcs=min_lcs, ratio=lcs_ratio,
-                                       prefilter=prefilter, ngram=ngram)
-        names = [n for n, v in tests.items() for _ in v]
-        steps['decontamination'] = dict(dropped=len(drop), test_items=len(te), prefilter=prefilter, ngram=ngram,
-                                        min_lcs=min_lcs, ratio=lcs_ratio, **st,
-                                        hits=[dict(doc=docs[i]['source'], test_set=names[j], test_item=j, lcs=l) for i, j, l in hits])
-        ds = set(drop); docs = [d for i, d in enumerate(docs) if i not in ds]; lap('decontamination')
+        docs, steps['decontamination'] = _decontaminate_documents(docs, tests, tokenizer, min_lcs=min_lcs, ratio=lcs_ratio,
+                                                                  prefilter=prefilter, ngram=ngram)
+        lap('decontamination')
     if len(docs) < 2: raise ValueError(f"only {len(docs)} document(s) left after filtering ({steps}); need at least 2 "
                                        f"for a train and a val split: add data or loosen the filters")
     order = list(range(len(docs))); random.Random(seed).shuffle(order)
