@@ -330,15 +330,15 @@ def _bpe_many(ids, offsets, limits, tab):
         w += n; out_off[i + 1] = w
     return out[:w], out_off
 
-def bpe_encode_words(words: list[bytes], table, limits=None) -> list[tuple[int, ...]]:
-    "Encode many pre-tokens (as bytes) with a merge table from `_build_table`; returns a list of id tuples."
+def bpe_encode_words(words: list[bytes], table, limits=None) -> list[list[int]]:
+    "Encode many pre-tokens (as bytes) with a merge table from `_build_table`; returns a list of id lists."
     if not words: return []
     lens = np.fromiter((len(w) for w in words), np.int64, len(words))
     offsets = np.zeros(len(words) + 1, np.int64); np.cumsum(lens, out=offsets[1:])
     ids = BYTE_IDS[np.frombuffer(b''.join(words), np.uint8)]
     if limits is None: limits = np.full(len(words), 1 << 62, np.int64)
     out, off = _bpe_many(ids, offsets, np.asarray(limits, np.int64), table)
-    out, off = tuple(out.tolist()), off.tolist()  # tuples of ints are untracked by the GC (see _encode_ordinary)
+    out, off = out.tolist(), off.tolist()
     return [out[off[i]:off[i + 1]] for i in range(len(words))]
 
 # %% ../nbs/01_tokenizer.ipynb #2a9e087a
@@ -395,8 +395,6 @@ class BPETokenizer:
         except KeyError: pass
         if len(cache) > 1_000_000: cache.clear()
         missing = list(set(words).difference(cache))  # run BPE once per new unique pre-token, in one numba call
-        # the values are tuples: `chain` walks them a little faster than lists, and the garbage collector untracks
-        # tuples of ints at its next young collection, so a big batch of misses does not set off full collections
         cache.update(zip(missing, bpe_encode_words([w.encode('utf-8') for w in missing], self._table)))
         return list(chain.from_iterable(map(cache.__getitem__, words)))
 
