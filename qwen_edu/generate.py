@@ -90,6 +90,8 @@ def _prompt_tensors(prompts, attention_mask, device):
     if isinstance(prompts, torch.Tensor):
         ids = prompts[None] if prompts.ndim == 1 else prompts
         if ids.ndim != 2: raise ValueError(f"input_ids must be (B, T), got shape {tuple(prompts.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {ids.dtype}")
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device)
         if mask.shape != ids.shape: raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
         if (mask[:, -1] == 0).any(): raise ValueError("prompts must be left-padded: the last column of attention_mask must be 1")
@@ -111,16 +113,16 @@ def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperat
     stops = torch.tensor(sorted(_stop_set(model.config, stop_tokens)), dtype=torch.long, device=device)
     if generator is None and seed is not None: generator = torch.Generator(device).manual_seed(seed)
     padded = bool((mask == 0).any())
+    cache = KVCache(max_len=T + max_new_tokens)
+    pos = positions_from_mask(mask)
+    logits = model(ids, attention_mask=mask if padded else None, position_ids=pos,  # prefill: lm_head on the last
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # position only
+    pos = pos[:, -1:] + 1
     seen = None
     if repetition_penalty is not None and repetition_penalty != 1.0:  # tokens of the prompt (not the padding)
         seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
         seen.scatter_(1, torch.where(mask.bool(), ids, V), True)
         seen = seen[:, :V].contiguous()
-    cache = KVCache(max_len=T + max_new_tokens)
-    pos = positions_from_mask(mask)
-    logits = model(ids, attention_mask=mask if padded else None, position_ids=pos,
-                   past_key_values=cache, use_cache=True).logits[:, -1]
-    pos = pos[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     for step in range(max_new_tokens):
@@ -133,14 +135,14 @@ def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperat
         if step == max_new_tokens - 1 or bool(done.all()): break
         if padded: mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         logits = model(tok[:, None], attention_mask=mask if padded else None, position_ids=pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         pos = pos + 1
     if stream is not None and hasattr(stream, 'end'): stream.end()
     res = torch.stack(out, 1).tolist()
     stop_list = set(stops.tolist())
     return [next((r[:i + 1] for i, t in enumerate(r) if t in stop_list), r) for r in res]
 
-# %% ../nbs/07_generate.ipynb #309b63b7
+# %% ../nbs/07_generate.ipynb #a9fa8da0
 def decode_layout(model: torch.nn.Module) -> torch.nn.Module:
     "Store every Linear weight of a CPU model column-major (same values, shapes and state_dict) for faster decoding."
     with torch.no_grad():
@@ -149,7 +151,7 @@ def decode_layout(model: torch.nn.Module) -> torch.nn.Module:
                 m.weight.data = m.weight.data.t().contiguous().t()
     return model
 
-# %% ../nbs/07_generate.ipynb #ca92b0c1
+# %% ../nbs/07_generate.ipynb #477ed2bf
 def split_utf8(buf: bytes) -> tuple[str, bytes]:
     "Split bytes into (decoded text of the complete characters, trailing bytes of an unfinished character)."
     cut = len(buf)
@@ -190,7 +192,7 @@ class TextStreamer:
         if self.bytes_mode: self._emit(self.buf.decode('utf-8', errors='replace')); self.buf = b''
         else: self._emit(self.tokenizer.decode(self.ids)[len(self.text):])
 
-# %% ../nbs/07_generate.ipynb #6ed57500
+# %% ../nbs/07_generate.ipynb #45b0e010
 def chat(model: QwenForCausalLM, tokenizer, messages: list[dict], stream=False, **gen_kwargs) -> str:
     "The assistant's reply to `messages` (ChatML), generated with `generate(**gen_kwargs)`; `stream=True` prints it live."
     from qwen_edu.chat import apply_chat_template
@@ -204,7 +206,7 @@ def chat(model: QwenForCausalLM, tokenizer, messages: list[dict], stream=False, 
     if streamer is not None and stream is True: print()
     return tokenizer.decode(out)
 
-# %% ../nbs/07_generate.ipynb #98f81f34
+# %% ../nbs/07_generate.ipynb #de194850
 def chat_cli(argv=None):
     "`qwen-edu chat --model PATH_OR_HUB_ID [--prompt TEXT]`: chat with a checkpoint on the terminal."
     p = argparse.ArgumentParser(prog='qwen-edu chat', description='Chat with a Qwen2/Qwen2.5 checkpoint.')

@@ -142,6 +142,11 @@ def test_bad_arguments(pair):
     with pytest.raises(ValueError, match='left-padded'):
         generate(model, torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]]))
     with pytest.raises(ValueError, match="stop_tokens must be 'default'"): generate(model, [[1]], stop_tokens='eos')
+    with pytest.raises(TypeError, match='integer tensor of token ids'): generate(model, torch.tensor([[1.0, 2.0]]))
+    # checked by the model before the repetition-penalty bookkeeping indexes with the ids
+    with pytest.raises(ValueError, match=r'token ids must be in \[0, 512\)'):
+        generate(model, [[1, 512]], repetition_penalty=1.1)
+    with pytest.raises(ValueError, match='exceeds max_position_embeddings'): generate(model, [[1] * 513])
 
 
 def test_pad_and_positions():
