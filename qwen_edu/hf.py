@@ -194,13 +194,12 @@ def from_hf(path_or_model, dtype='float32', device='cpu') -> QwenForCausalLM:
     if isinstance(path_or_model, torch.nn.Module):
         if not hasattr(path_or_model, 'config'): raise TypeError("from_hf needs a transformers model (with .config)")
         d, tensors = _hf_model_tensors(path_or_model)
+        cfg = config_from_hf(d)
     else:
         folder = resolve_checkpoint(path_or_model)
         if not (folder / 'config.json').exists(): raise FileNotFoundError(f"no config.json in {folder}")
-        d = json.loads((folder / 'config.json').read_text())
-        cfg = config_from_hf(d)  # check the architecture before touching the weights
+        cfg = config_from_hf(json.loads((folder / 'config.json').read_text()))  # the architecture, before the weights
         tensors = read_safetensors(safetensors_files(folder))
-    cfg = config_from_hf(d)
     with torch.device('meta'): model = QwenForCausalLM(cfg)  # no memory, no random init
     return load_weights(model, tensors, dtype=dtype, device=device)
 

@@ -222,7 +222,7 @@ class QwenModel(nn.Module):
             with torch.device('cpu'): self._inv_freq[device] = rope_parameters(self.config)[0].to(device)
         return self._inv_freq[device]
 
-    def rope_inputs(self, position_ids, dtype, past, attention_mask, cache):
+    def rope_inputs(self, position_ids, dtype, attention_mask, cache):
         "cos/sin for the positions (or, with Dual Chunk Attention, the query/key positions)."
         inv_freq = self.inv_freq(position_ids.device)
         if self.config.dual_chunk_attention_config is None:
@@ -240,7 +240,7 @@ class QwenModel(nn.Module):
         past = cache.seq_len if cache is not None else 0
         if position_ids is None: position_ids = default_position_ids(attention_mask, T, past, input_ids.device)
         x = self.embed_tokens(input_ids)
-        rope = self.rope_inputs(position_ids, x.dtype, past, attention_mask, cache)
+        rope = self.rope_inputs(position_ids, x.dtype, attention_mask, cache)
         mask, is_causal = (None, False) if rope.cos is None else build_attention_mask(attention_mask, T, past, x.device)
         router_logits = []
         for layer in self.layers:
