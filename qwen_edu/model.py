@@ -257,6 +257,9 @@ def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: 
     if input_ids.ndim != 2: raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}; use ids[None] for one sequence")
     B, T = input_ids.shape
     if T == 0: raise ValueError("input_ids is empty (seq_len 0)")
+    for name, t in (('labels', labels), ('position_ids', position_ids)):
+        if t is not None and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
+            raise TypeError(f"{name} must be an integer tensor (torch.long), got {t.dtype}")
     for name, t in (('input_ids', input_ids), ('labels', labels), ('attention_mask', attention_mask), ('position_ids', position_ids)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the model is on {device}; move it with .to({str(device)!r})")

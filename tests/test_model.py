@@ -220,6 +220,9 @@ def small():
 def test_float_input_ids_are_a_type_error(small):
     with pytest.raises(TypeError, match='integer tensor'): small(torch.zeros(1, 4))
     with pytest.raises(TypeError, match='torch.Tensor'): small([[1, 2, 3]])
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match='labels must be an integer tensor'): small(ids, labels=ids.float())
+    with pytest.raises(TypeError, match='position_ids must be an integer tensor'): small(ids, position_ids=torch.arange(4.)[None])
 
 
 def test_out_of_range_ids(small):
