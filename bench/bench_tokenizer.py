@@ -91,7 +91,7 @@ def main(argv=None):
     cpu = {k: [] for k in times}
     load0 = os.getloadavg()[0]
     for r in range(a.repeats):
-        qwen._cache.clear()
+        qwen.clear_cache()
         for k, f in [('ours (cold cache)', lambda: qwen.encode(text)), ('ours (warm cache)', lambda: qwen.encode(text)),
                      ('tiktoken', lambda: enc.encode_ordinary(text))]:
             t, c, ids = timed_cpu(f); assert ids == ref; times[k].append(t); cpu[k].append(c)

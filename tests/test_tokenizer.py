@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import regex
 from qwen_edu.tokenizer import (BPETokenizer, PATTERN, QWEN_SPECIAL_TOKENS, count_pretokens, split_pretokens,
-                                stdlib_corpus, train_bpe_fast, train_bpe_slow, _PRETOKEN_RE)
+                                stdlib_corpus, train_bpe_fast, train_bpe_slow, _PRETOKEN_RE, split_ascii, PretokenTable)
 
 tiktoken = pytest.importorskip('tiktoken')
 tokenizers = pytest.importorskip('tokenizers')
@@ -208,3 +208,37 @@ def test_cli(tmp_path, capsys):
 def test_lone_surrogates_like_tiktoken(qwen, enc):
     for s in ['a\ud800b', '\udfff', 'x\ud83d\ude00y', 'ok \ud800\ud800 ok']:
         assert qwen.encode(s) == enc.encode_ordinary(s), repr(s)
+
+
+def test_ascii_state_machine_matches_regex():
+    "The compiled ASCII split (rules 1-7 of the notebook) equals the regex: exhaustively on short strings, fuzzed on long ones."
+    import itertools
+    small = " \n\r\t\x0b's'Le0.a"
+    for n in range(1, 5):
+        for t in itertools.product(small, repeat=n):
+            s = ''.join(t)
+            assert split_ascii(s) == _PRETOKEN_RE.findall(s), repr(s)
+    rnd = random.Random(2)
+    alphabet = list("     \n\n\r\r\t\x0b\x0c\x1c\x00\x7f'''sStTmMdDrReEvVlL0123456789aZ.#(-_!")
+    for _ in range(20000):
+        s = ''.join(rnd.choice(alphabet) for _ in range(rnd.randrange(1, 80)))
+        assert split_ascii(s) == _PRETOKEN_RE.findall(s), repr(s)
+    code = ''.join(c for c in stdlib_corpus(1_000_000) if c.isascii())
+    assert split_ascii(code) == _PRETOKEN_RE.findall(code)
+    with pytest.raises(ValueError, match='needs ASCII'): split_ascii('caf\u00e9')
+
+
+def test_pretoken_table_cold_warm_growth(qwen, enc):
+    "Cold (empty table, grows from 4 entries), warm, and mixed ASCII / non-ASCII text all give tiktoken's ids."
+    text = ''.join(c for c in stdlib_corpus(300_000) if c.isascii()) + "\n it's   \t\r\n 'LL 12 \n\n  "
+    ref = enc.encode_ordinary(text)
+    pt = PretokenTable(capacity=4)
+    assert pt.encode(text, qwen._table).tolist() == ref
+    n = len(pt)
+    assert pt.encode(text, qwen._table).tolist() == ref and len(pt) == n
+    extra = text[:1000] + ' brandnewpretokenxyz'
+    assert pt.encode(extra, qwen._table).tolist() == enc.encode_ordinary(extra) and len(pt) == n + 1
+    qwen.clear_cache()
+    mixed = text[:5000] + ' \u00e9\n  \u00fc\n' + text[5000:10000] + '\u4f60\u597d\n\tx'
+    assert qwen.encode(mixed) == enc.encode_ordinary(mixed)
+    assert qwen.encode(mixed) == enc.encode_ordinary(mixed)  # warm
