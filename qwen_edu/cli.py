@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'info_cli', 'main']
 
-# %% ../nbs/99_cli.ipynb #ada1554e
+# %% ../nbs/99_cli.ipynb #892bbf79
 import importlib, sys
 import qwen_edu
 
-# %% ../nbs/99_cli.ipynb #1b0a8052
+# %% ../nbs/99_cli.ipynb #f438d346
 COMMANDS = {  # subcommand -> (module, function taking argv, one-line help)
     'info': ('qwen_edu.cli', 'info_cli', 'print the version and the available commands'),
     'tokenizer': ('qwen_edu.tokenizer', 'tokenizer_cli', 'train a BPE tokenizer or encode/decode text (chapter 01)'),
@@ -17,15 +17,16 @@ COMMANDS = {  # subcommand -> (module, function taking argv, one-line help)
     'chat': ('qwen_edu.generate', 'chat_cli', 'chat with a local or Hub Qwen2.5 checkpoint (chapter 07)'),
     'data': ('qwen_edu.data', 'data_cli', 'build the filtered, mixed, decontaminated token shards (chapter 09)'),
     'train': ('qwen_edu.train', 'train_cli', 'pre-train a model, on one device or many via torchrun (chapter 10)'),
+    'pipeline': ('qwen_edu.pipeline', 'pipeline_cli', 'the main job: tokenizer, data, pre-training, SFT, DPO, GRPO, report (chapter 16)'),
 }
 
-# %% ../nbs/99_cli.ipynb #59fa5092
+# %% ../nbs/99_cli.ipynb #a35bb2f4
 def info_cli(argv=None):
     "Print the version and the modules that make up the package."
     print(f"qwen-edu {qwen_edu.__version__}")
     for name, (mod, fn, help) in COMMANDS.items(): print(f"  {name:10s} {help}")
 
-# %% ../nbs/99_cli.ipynb #ec01b7c1
+# %% ../nbs/99_cli.ipynb #c8f679fc
 def main(argv=None):
     "Entry point of the `qwen-edu` console script."
     argv = list(sys.argv[1:] if argv is None else argv)
