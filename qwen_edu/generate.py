@@ -67,7 +67,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     "Position of each token counting only real (mask 1) tokens: cumsum(mask) - 1, pads clamped to 0."
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-# %% ../nbs/07_generate.ipynb #e15c2a4d
+# %% ../nbs/07_generate.ipynb #01fb8be0
 IM_END, ENDOFTEXT = 151645, 151643  # Qwen's <|im_end|> (end of a chat turn) and <|endoftext|> (end of a document)
 
 def default_stop_tokens(config) -> set[int]:
@@ -107,6 +107,7 @@ def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperat
              stream=None) -> list[list[int]]:
     "New tokens for each prompt (tensor (B, T) or list of id lists): greedy if temperature == 0, with a KV cache."
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0: raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     device = next(model.parameters()).device
     ids, mask = _prompt_tensors(prompts, attention_mask, device)
     B, T, V = ids.shape[0], ids.shape[1], model.config.vocab_size
