@@ -8,7 +8,7 @@ import transformers
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 from qwen_edu.config import QwenConfig
 from qwen_edu.hf import from_hf, config_to_hf
-from qwen_edu.moe import moe_blocks
+from qwen_edu.moe import moe_blocks, DISPATCH
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings('ignore')
@@ -35,6 +35,11 @@ def main(argv=None):
     ours = from_hf(hf).train()
     ours_loop = from_hf(hf).train()
     for b in moe_blocks(ours_loop): b.dispatch = 'loop'
+    # the floor: the same step with the routed experts' work skipped (router, aux loss, shared expert, attention and
+    # lm_head still run), i.e. what any expert dispatch at all would cost 0 ms against. Not a model: its loss differs.
+    DISPATCH['_skip_experts'] = lambda h, weights, experts, ex, capacity: torch.zeros_like(h)
+    ours_floor = from_hf(hf).train()
+    for b in moe_blocks(ours_floor): b.dispatch = '_skip_experts'
     x = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
 
     def ours_step(m):
@@ -53,9 +58,11 @@ def main(argv=None):
     runs = {'qwen_edu (grouped, default)': lambda: ours_step(ours), 'qwen_edu (loop)': lambda: ours_step(ours_loop),
             f'transformers ({hf_default}, its default)': hf_step(hf_default)}
     if hf_default != 'eager': runs['transformers (eager)'] = hf_step('eager')
+    floor = 'floor: qwen_edu with routed experts skipped (not a model)'
+    runs[floor] = lambda: ours_step(ours_floor)
     losses = {n: f() for n, f in runs.items()}  # warm-up, and the losses must agree
     ref = losses['qwen_edu (grouped, default)']
-    for n, l in losses.items(): assert abs(l - ref) < 1e-4, (n, l, ref)
+    for n, l in losses.items(): assert n == floor or abs(l - ref) < 1e-4, (n, l, ref)
     times, cpu = {n: [] for n in runs}, {n: [] for n in runs}
     for r in range(a.repeats):
         for n, f in runs.items():
@@ -76,7 +83,7 @@ def main(argv=None):
         f"of {cfg.moe_intermediate_size} (fine-grained), top-{cfg.num_experts_per_tok}, one shared expert of "
         f"{cfg.shared_expert_intermediate_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab "
         f"{cfg.vocab_size}, untied; batch {a.batch} x {a.seq} = {ntok} tokens, float32, loss = CE + 0.001 * aux. Same "
-        f"weights in every model (losses agree to 1e-4). Median of {a.repeats} interleaved repeats after one warm-up.",
+        f"weights in every model (losses agree to 1e-4; the floor row skips the routed experts, so its loss differs). Median of {a.repeats} interleaved repeats after one warm-up.",
         '',
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), transformers {transformers.__version__}; a shared, noisy machine: compare the ratios.",
