@@ -104,7 +104,7 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
             if cursor >= len(order): rng.shuffle(order); cursor = 0
             pool.append(queries[order[cursor]]); cursor += 1
         prompts = [prompt_ids(tokenizer, q) for q in pool for _ in range(group_size)]
-        comps = sample(policy, prompts, max_new_tokens, temperature, stop, pad, gen)
+        comps = sample(policy, prompts, max_new_tokens, temperature, stop, gen)
         rewards = torch.tensor([reward_fn(q, decode_response(tokenizer, c))
                                 for q, c in zip([q for q in pool for _ in range(group_size)], comps)])
         rec['reward'] = rewards.mean().item()

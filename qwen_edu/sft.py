@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .tasks import Example, make_examples, score
+from .generate import generate
 
 # %% ../nbs/12_sft.ipynb #8369f987
 ROLES = ('system', 'user', 'assistant', 'tool')
@@ -147,31 +148,12 @@ def prompt_ids(tokenizer, ex, system=SYSTEM_PROMPT):
     msgs = ([{'role': 'system', 'content': system}] if system is not None else []) + [{'role': 'user', 'content': ex.prompt}]
     return tokenizer.encode(apply_chat_template(msgs, add_generation_prompt=True), allowed_special='all')
 
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens=24, temperature=1.0, stop_id=None, pad_id=0, generator=None):
+def sample(model, prompts, max_new_tokens=24, temperature=1.0, stop_id=None, generator=None):
     "Sample a completion (list of ids, stop token included when reached) for each prompt (list of id lists)."
     if not prompts: return []
     model.eval()
-    device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((B, P), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts): ids[i, P - len(p):] = torch.tensor(p); attn[i, P - len(p):] = 1
-    out = model(ids, attention_mask=attn, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    completions = [[] for _ in range(B)]
-    for _ in range(max_new_tokens):
-        if temperature == 0: nxt = logits.argmax(-1)
-        else: nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator).squeeze(-1)
-        for i in range(B):
-            if not done[i]: completions[i].append(int(nxt[i]))
-        done |= nxt == stop_id if stop_id is not None else torch.zeros_like(done)
-        if done.all(): break
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
-        out = model(nxt[:, None], attention_mask=attn, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    return completions
+    return generate(model, prompts, max_new_tokens, temperature=temperature,
+                    stop_tokens=[stop_id] if stop_id is not None else None, generator=generator)
 
 def decode_response(tokenizer, ids):
     "Text of a sampled completion, without the closing `<|im_end|>`."
@@ -186,7 +168,7 @@ def generate_responses(model, tokenizer, examples, n=1, temperature=1.0, max_new
     flat = [prompt_ids(tokenizer, e) for e in examples for _ in range(n)]
     outs = []
     for i in range(0, len(flat), batch_size):
-        outs += sample(model, flat[i:i + batch_size], max_new_tokens, temperature, stop, tokenizer.eos_id or 0, g)
+        outs += sample(model, flat[i:i + batch_size], max_new_tokens, temperature, stop, g)
     texts = [decode_response(tokenizer, o) for o in outs]
     return [texts[i * n:(i + 1) * n] for i in range(len(examples))]
 

@@ -93,7 +93,7 @@ def test_cached_sampler_matches_uncached_greedy(tok, model):
     exs = make_examples('arith', 3, seed=3)
     prompts = [prompt_ids(tok, e) for e in exs]
     prompts[1] = prompts[1][2:]  # ragged lengths exercise left padding
-    got = sample(model, prompts, max_new_tokens=6, temperature=0, stop_id=None, pad_id=0)
+    got = sample(model, prompts, max_new_tokens=6, temperature=0, stop_id=None)
     for p, g in zip(prompts, got):
         ids = list(p)
         for _ in range(6):
