@@ -6,6 +6,15 @@ import torch
 from qwen_edu.grpo import LOSS_TYPES, group_advantages, grpo_loss, order_by_reward_variance, reward_variance
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    "The toy models here (hidden 32) only lose from intra-op threads on a shared 2-core runner (spin-waits)."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def loop_advantages(rewards, G, eps=1e-4):
     out = []
     for q in range(len(rewards) // G):
@@ -124,11 +133,16 @@ def test_bad_inputs_fail_clearly():
 import copy
 
 
-def test_completion_token_logps_and_a_grpo_step():
+@pytest.fixture(scope='module')
+def tok():
+    from qwen_edu.sft import train_task_tokenizer
+    return train_task_tokenizer(vocab_size=300, n=60)
+
+
+def test_completion_token_logps_and_a_grpo_step(tok):
     from qwen_edu.grpo import completion_token_logps, grpo_train
-    from qwen_edu.sft import train_task_tokenizer, toy_model, prompt_ids
+    from qwen_edu.sft import toy_model
     from qwen_edu.tasks import make_examples
-    tok = train_task_tokenizer(vocab_size=300, n=60)
     torch.manual_seed(0)
     model = toy_model(tok, hidden_size=32).eval()
     prompts = [[5, 6, 7], [8, 9]]
@@ -153,11 +167,10 @@ def test_completion_token_logps_and_a_grpo_step():
     with pytest.raises(ValueError, match='at least one query'): grpo_train(pol, ref, tok, [], steps=1)
 
 
-def test_run_grpo_and_pipeline_registration(tmp_path, monkeypatch):
+def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
     import sys, types
     import qwen_edu.grpo as G
-    from qwen_edu.sft import train_task_tokenizer, toy_model
-    tok = train_task_tokenizer(vocab_size=300, n=60)
+    from qwen_edu.sft import toy_model
     m = toy_model(tok, hidden_size=32)
     metrics = G.run_grpo(m, tok, out_dir=tmp_path, steps=1, n_train=4, n_eval=2, group_size=2, queries_per_step=2,
                          max_new_tokens=4)

@@ -5,6 +5,15 @@ import torch
 from qwen_edu.reward import bt_loss, preference_accuracy
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    "The toy models here (hidden 32) only lose from intra-op threads on a shared 2-core runner (spin-waits)."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_bt_loss_matches_formula_and_gradient():
     g = torch.Generator().manual_seed(0)
     c = (torch.randn(10, generator=g) * 3).requires_grad_(); r = torch.randn(10, generator=g) * 3
@@ -80,4 +89,4 @@ def test_reward_model_learns_pairs():
     before = evaluate_reward_model(rm, tok, pairs)
     train_reward_model(rm, tok, pairs, steps=40, batch_size=8, lr=3e-3)
     after = evaluate_reward_model(rm, tok, pairs)  # it can at least fit 8 pairs
-    assert after[0] < before[0] - 0.1 and after[1] >= 0.75, (before, after)
+    assert after[0] < before[0] / 2 and after[1] >= 0.75, (before, after)  # ~0.69 -> ~0.10 in 40 steps
