@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'POST_TRAINING_STEPS', 'group_advantages', 'reward_variance', 'order_by_reward_variance', 'grpo_loss',
            'completion_token_logps', 'grpo_train', 'run_grpo', 'post_training_steps', 'stage_sft', 'stage_dpo',
-           'stage_grpo']
+           'stage_grpo', 'register_pipeline_stages']
 
 # %% ../nbs/15_grpo.ipynb #b4c7d1ee
 import math, random, time
@@ -199,8 +199,8 @@ def stage_grpo(cfg, ctx):
     m = run_grpo(model, tok, steps=post_training_steps(cfg, 'grpo'), n_eval=n_eval, seed=cfg.seed)
     return _save_stage_model(model, m, cfg, 'grpo')
 
-def _register_pipeline_stages():
-    "Register sft, dpo, grpo after pretrain -- only if qwen_edu.pipeline is already imported."
+def register_pipeline_stages():
+    "Register sft, dpo, grpo after pretrain (idempotent); False when qwen_edu.pipeline is not imported yet."
     import sys
     pipe = sys.modules.get('qwen_edu.pipeline')
     if pipe is None or not hasattr(pipe, 'register_stage'): return False
@@ -209,4 +209,4 @@ def _register_pipeline_stages():
         pipe.register_stage(name, fn, after=after); after = name
     return True
 
-_register_pipeline_stages()
+register_pipeline_stages()

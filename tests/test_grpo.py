@@ -178,7 +178,7 @@ def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
     assert (tmp_path / 'grpo_model.pt').exists()
     # without the pipeline loaded, nothing is registered; with it, sft -> dpo -> grpo follow pretrain
     monkeypatch.delitem(sys.modules, 'qwen_edu.pipeline', raising=False)
-    assert G._register_pipeline_stages() is False
+    assert G.register_pipeline_stages() is False
     stages = {}
     def register_stage(name, fn, after=None):
         items = [(k, v) for k, v in stages.items() if k != name]
@@ -187,7 +187,7 @@ def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
     fake = types.SimpleNamespace(register_stage=register_stage)
     stages.update(tokenizer=None, data=None, pretrain=None, sample=None)
     monkeypatch.setitem(sys.modules, 'qwen_edu.pipeline', fake)
-    assert G._register_pipeline_stages() is True
+    assert G.register_pipeline_stages() is True and G.register_pipeline_stages() is True  # idempotent
     assert list(stages) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
     assert stages['sft'] is G.stage_sft and stages['grpo'] is G.stage_grpo
 
