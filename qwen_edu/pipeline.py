@@ -94,16 +94,23 @@ def stage_pretrain(cfg: PipelineConfig, ctx):
 
 # %% ../nbs/16_pipeline.ipynb #b52ff256
 def stage_sample(cfg: PipelineConfig, ctx):
-    "A short generation from the pre-trained model (or the last post-trained one)."
+    "A continuation from the pre-trained model and, after post-training, the final model's answer to a held-out task."
     from qwen_edu.generate import generate
     from qwen_edu.tokenizer import BPETokenizer
     tok = BPETokenizer.from_hf(ctx['tokenizer']['tokenizer'])
-    src = next((ctx[k]['out'] for k in reversed(list(ctx)) if isinstance(ctx[k], dict) and ctx[k].get('model_run')), None)
-    model = load_trained_model(src or ctx['pretrain']['out'])
+    model = load_trained_model(ctx['pretrain']['out'])
     ids = tok.encode(cfg.sample_prompt, disallowed_special=())
     new = generate(model, [ids], max_new_tokens=cfg.sample_tokens, temperature=0.7, top_k=40, seed=cfg.seed,
                    stop_tokens={tok.eos_id})[0]
-    return dict(prompt=cfg.sample_prompt, text=tok.decode([t for t in new if t != tok.eos_id]))
+    res = dict(prompt=cfg.sample_prompt, text=tok.decode([t for t in new if t != tok.eos_id]))
+    final = next((ctx[k]['out'] for k in reversed(list(ctx)) if isinstance(ctx[k], dict) and ctx[k].get('model_run')), None)
+    if final is not None:
+        from qwen_edu.sft import generate_responses
+        from qwen_edu.tasks import make_examples, score
+        ex = make_examples('arith', 1, seed=cfg.seed, split='test')[0]
+        answer = generate_responses(load_trained_model(final), tok, [ex], n=1, temperature=0.0)[0][0]
+        res.update(task_model=final, task_prompt=ex.prompt, task_answer=answer, task_correct=bool(score(ex, answer)))
+    return res
 
 for _n, _f in (('tokenizer', stage_tokenizer), ('data', stage_data), ('pretrain', stage_pretrain), ('sample', stage_sample)):
     register_stage(_n, _f)
@@ -160,9 +167,15 @@ def format_report(ctx, run_dir):
         L.append(f"             loss curve: {p['plot']}")
     for k, v in ctx.items():
         if k not in ('tokenizer', 'data', 'pretrain', 'sample') and isinstance(v, dict):
-            L.append(f"  {k:10s} " + ', '.join(f"{a}={b}" for a, b in v.items() if isinstance(b, (int, float, str)) and a != 'skipped'))
+            shown = {a: b for a, b in v.items() if isinstance(b, (int, float, str)) and not isinstance(b, bool)
+                     and a not in ('skipped', 'stage', 'seconds', 'out')}
+            L.append(f"  {k:10s} " + ', '.join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in shown.items()))
     L.append("  times      " + ', '.join(f"{k} {v.get('seconds', 0):.0f}s" for k, v in ctx.items() if isinstance(v, dict)))
-    if 'sample' in ctx: L.append(f"  sample     {ctx['sample']['prompt']!r} -> {ctx['sample']['text']!r}")
+    if 'sample' in ctx:
+        sm = ctx['sample']
+        L.append(f"  sample     (pre-trained) {sm['prompt']!r} -> {sm['text']!r}")
+        if 'task_prompt' in sm: L.append(f"             (post-trained) {sm['task_prompt']!r} -> {sm['task_answer']!r} "
+                                         f"({'correct' if sm['task_correct'] else 'wrong'})")
     return '\n'.join(L)
 
 # %% ../nbs/16_pipeline.ipynb #5c2e5cd5
