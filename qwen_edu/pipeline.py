@@ -122,9 +122,12 @@ def load_post_training_stages():
     "Import the post-training modules that exist, so that they can register their pipeline stages."
     import importlib
     for m in POST_TRAINING_MODULES:
-        try: importlib.import_module(m)
+        try: mod = importlib.import_module(m)
         except ModuleNotFoundError as e:
             if e.name != m: raise
+            continue
+        # a module imported before this one was cannot have registered at import: ask it again (idempotent)
+        if hasattr(mod, 'register_pipeline_stages'): mod.register_pipeline_stages()
 
 # %% ../nbs/16_pipeline.ipynb #019b414e
 def run_pipeline(cfg: PipelineConfig):

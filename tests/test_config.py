@@ -55,7 +55,9 @@ def test_every_preset_counts_on_meta_and_edu_sizes():
     for name in set(PRESETS) - set(RELEASED):  # the released sizes are built in the test above
         c = QwenConfig.from_preset(name)
         with torch.device('meta'): m = QwenForCausalLM(c)
-        assert n_params(m) == c.num_params() == c.num_active_params(), name
+        assert n_params(m) == c.num_params(), name
+        # dense presets activate every parameter; MoE presets (registered once qwen_edu.moe is imported) fewer
+        assert (c.num_active_params() == c.num_params()) == (c.num_experts == 0), name
     assert 2e6 < QwenConfig.from_preset('edu-tiny').num_params() < 8e6
     assert 20e6 < QwenConfig.from_preset('edu-small').num_params() < 30e6
     assert 110e6 < QwenConfig.from_preset('edu-base').num_params() < 140e6

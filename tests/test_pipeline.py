@@ -55,3 +55,11 @@ def test_prepare_builtin_data_builds_once(tmp_path):
     mtime = (d / 'train.bin').stat().st_mtime_ns
     assert prepare_builtin_data(tmp_path / 'b', corpus_size=100_000, vocab_size=300) == d
     assert (d / 'train.bin').stat().st_mtime_ns == mtime
+
+
+def test_post_training_stages_register_whatever_the_import_order():
+    import subprocess, sys
+    code = ("import qwen_edu.grpo\nimport qwen_edu.pipeline as P\nP.load_post_training_stages()\n"
+            "print(','.join(P.STAGES))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
