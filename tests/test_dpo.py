@@ -7,13 +7,7 @@ import torch
 from qwen_edu.dpo import OnlineMergingAdamW, dpo_loss, magnitude_mask, sequence_logps, token_logps
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    "The toy models here (hidden 32) only lose from intra-op threads on a shared 2-core runner (spin-waits)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # see conftest.py
 
 
 def test_sequence_logps_matches_loop_and_ignores_masked_labels():

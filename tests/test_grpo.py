@@ -6,13 +6,7 @@ import torch
 from qwen_edu.grpo import LOSS_TYPES, group_advantages, grpo_loss, order_by_reward_variance, reward_variance
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    "The toy models here (hidden 32) only lose from intra-op threads on a shared 2-core runner (spin-waits)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # see conftest.py
 
 
 def loop_advantages(rewards, G, eps=1e-4):

@@ -5,13 +5,7 @@ import torch
 from qwen_edu.reward import bt_loss, preference_accuracy
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    "The toy models here (hidden 32) only lose from intra-op threads on a shared 2-core runner (spin-waits)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # see conftest.py
 
 
 def test_bt_loss_matches_formula_and_gradient():

@@ -13,13 +13,7 @@ from qwen_edu.tasks import make_examples, score
 from qwen_edu.tokenizer import BPETokenizer
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    "The toy models here (hidden 32) only lose from intra-op threads on a shared 2-core runner (spin-waits)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # see conftest.py
 
 
 @pytest.fixture(scope='module')

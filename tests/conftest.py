@@ -1,0 +1,11 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    "Toy models (hidden 32) only lose from intra-op threads on a shared 2-core runner (spin-waits): use one."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
