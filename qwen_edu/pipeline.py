@@ -137,9 +137,11 @@ def run_pipeline(cfg: PipelineConfig):
     unknown = [n for n in names if n not in STAGES]
     if unknown: raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     run = cfg.run_dir; run.mkdir(parents=True, exist_ok=True)
-    ctx = {}
+    ctx, ran = {}, False
     for name in STAGES:  # earlier finished stages feed later ones even when not re-run
         done = run / name / 'done.json'
+        if ran and done.exists():  # built from the inputs a re-run stage just replaced: stale, so run it again
+            os.replace(done, done.with_name('stale.json'))
         if done.exists(): ctx[name] = json.loads(done.read_text()); ctx[name]['skipped'] = True
         if name not in names: continue
         if done.exists():
@@ -149,7 +151,7 @@ def run_pipeline(cfg: PipelineConfig):
         res = dict(STAGES[name](cfg, ctx), seconds=round(time.perf_counter() - t0, 1))
         (run / name).mkdir(parents=True, exist_ok=True)
         _atomic_write_text(done, json.dumps(res, indent=1))
-        ctx[name] = res
+        ctx[name], ran = res, True
         print(f"[{name}] done in {res['seconds']}s", flush=True)
     _atomic_write_text(run / 'report.json', json.dumps(ctx, indent=1))
     return ctx

@@ -63,3 +63,21 @@ def test_post_training_stages_register_whatever_the_import_order():
             "print(','.join(P.STAGES))")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
+
+
+def test_rerunning_a_stage_makes_the_later_ones_stale(tmp_path, monkeypatch):
+    import qwen_edu.pipeline as P
+    calls = []
+    def stage(name):
+        def fn(cfg, ctx): calls.append(name); return {'n': len(calls)}
+        return fn
+    monkeypatch.setattr(P, 'load_post_training_stages', lambda: None)
+    monkeypatch.setattr(P, 'STAGES', {k: stage(k) for k in ('a', 'b', 'c')})
+    cfg = PipelineConfig(out=str(tmp_path / 'run'), stages='a,b')
+    run_pipeline(cfg); assert calls == ['a', 'b']
+    run_pipeline(cfg); assert calls == ['a', 'b']                 # all done: nothing runs
+    (tmp_path / 'run' / 'a' / 'done.json').unlink()
+    ctx = run_pipeline(PipelineConfig(out=str(tmp_path / 'run'), stages='a'))
+    assert calls == ['a', 'b', 'a'] and 'b' not in ctx            # b was built from the old a: no longer reported
+    assert (tmp_path / 'run' / 'b' / 'stale.json').exists()
+    run_pipeline(cfg); assert calls == ['a', 'b', 'a', 'b']       # and it runs again when asked
