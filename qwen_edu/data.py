@@ -352,7 +352,6 @@ def text_stats(text):
     lines = [l.strip() for l in text.splitlines() if len(l.strip()) >= 10]
     lc = Counter(lines)
     dup_chars = sum(len(l) * c for l, c in lc.items() if c > 1)
-    n = max(len(text), 1)
     nonspace = len(text) - len(re.findall(r'\s', text))
     symbols = len(re.findall(r'[^\w\s]', text))                 # not letter, digit, underscore or space
     return dict(n_chars=len(text), n_words=len(words),

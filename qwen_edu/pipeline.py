@@ -8,7 +8,7 @@ __all__ = ['STAGES', 'POST_TRAINING_MODULES', 'PipelineConfig', 'register_stage'
            'format_report', 'prepare_builtin_data', 'pipeline_cli']
 
 # %% ../nbs/16_pipeline.ipynb #1e247964
-import builtins, dataclasses, json, os, sys, time, typing
+import dataclasses, json, os, sys, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -201,5 +201,4 @@ def pipeline_cli(argv=None):
     return 0
 
 # %% ../nbs/16_pipeline.ipynb #faeed539
-if __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__') and 'ipykernel' not in sys.modules:
-    sys.exit(pipeline_cli())
+if _run_as_script(__name__): sys.exit(pipeline_cli())

@@ -9,12 +9,13 @@ __all__ = ['ROLES', 'SYSTEM_PROMPT', 'CHAT_SPECIAL_TOKENS', 'check_messages', 'e
            'toy_model', 'pretrain_on_text', 'pretraining_texts', 'toy_models', 'save_stage', 'run_sft']
 
 # %% ../nbs/12_sft.ipynb #bc633b79
-import dataclasses, json, math, random, time
+import dataclasses, json, random, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .tasks import Example, make_examples, score
 from .generate import generate
+from .train import lr_at
 
 # %% ../nbs/12_sft.ipynb #8369f987
 ROLES = ('system', 'user', 'assistant', 'tool')
@@ -113,10 +114,8 @@ def pack_conversations(tokenized, seq_len, pad_id):
 
 # %% ../nbs/12_sft.ipynb #17c824ef
 def lr_schedule(step, total, lr, warmup=10, final_ratio=0.1):
-    "Linear warm-up, then cosine decay from lr to lr*final_ratio."
-    if step < warmup: return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    "Linear warm-up, then cosine decay from lr to lr*final_ratio: the pre-training schedule (`qwen_edu.train.lr_at`)."
+    return lr_at(step, total, lr, warmup_steps=warmup, min_lr_ratio=final_ratio, schedule='cosine')
 
 def sft_train(model, tokenizer, examples, steps=200, batch_size=32, lr=3e-3, weight_decay=0.1, clip=1.0, seed=0,
               max_len=256, log_every=0):

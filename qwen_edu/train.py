@@ -563,9 +563,9 @@ def train_cli(argv=None):
         if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     return 0
 
-def _run_as_script():
-    "True under `python -m qwen_edu.train`, False inside Jupyter or nbdev's test shell."
-    return __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__') and 'ipykernel' not in sys.modules
+def _run_as_script(module_name):
+    "True when `module_name` is `'__main__'` under `python -m`, False inside Jupyter or nbdev's test shell."
+    return module_name == '__main__' and not hasattr(builtins, '__IPYTHON__') and 'ipykernel' not in sys.modules
 
 # %% ../nbs/10_train.ipynb #d81c0b03
-if _run_as_script(): sys.exit(train_cli())
+if _run_as_script(__name__): sys.exit(train_cli())
