@@ -168,15 +168,17 @@ class QwenDecoderLayer(nn.Module):
         return x + out, router_logits
 
 # %% ../nbs/05_model.ipynb #52128f8a
-def build_attention_mask(attention_mask, T: int, past: int, device):
-    "(mask (B, 1, T, S) or None, is_causal) for T new tokens after `past` cached ones and a (B, S) 0/1 padding mask."
+def build_attention_mask(attention_mask, T: int, past: int, device, document_ids=None):
+    """(mask (B, 1, T, S) or None, is_causal) for T new tokens after `past` cached ones and a (B, S) 0/1 padding mask;
+    `document_ids` (B, T) (packed rows, no cache) also hides the keys of other documents: block-diagonal causal."""
     S = past + T
-    if attention_mask is None or bool(attention_mask.all()):
+    if document_ids is None and (attention_mask is None or bool(attention_mask.all())):
         if past == 0: return None, T > 1
         if T == 1: return None, False
         attention_mask = None
     causal = torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]  # (T, S)
     mask = causal[None, None] if attention_mask is None else causal[None, None] & attention_mask[:, None, None, :].bool()
+    if document_ids is not None: mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     return mask | ~mask.any(-1, keepdim=True), False
 
 def default_position_ids(attention_mask, T: int, past: int, device):
@@ -234,14 +236,14 @@ class QwenModel(nn.Module):
         if cache is not None: cache.positions = k_pos
         return RopeInputs(None, None, inv_freq, self.attention_scaling, q_pos, k_pos, attention_mask)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, document_ids=None):
         "Final hidden states (B, T, H) and the router logits of the sparse layers."
         B, T = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         if position_ids is None: position_ids = default_position_ids(attention_mask, T, past, input_ids.device)
         x = self.embed_tokens(input_ids)
         rope = self.rope_inputs(position_ids, x.dtype, attention_mask, cache)
-        mask, is_causal = (None, False) if rope.cos is None else build_attention_mask(attention_mask, T, past, x.device)
+        mask, is_causal = (None, False) if rope.cos is None else build_attention_mask(attention_mask, T, past, x.device, document_ids)
         router_logits = []
         for layer in self.layers:
             x, r = layer(x, rope, mask, is_causal, cache)
@@ -249,7 +251,7 @@ class QwenModel(nn.Module):
         return self.norm(x), tuple(router_logits)
 
 # %% ../nbs/05_model.ipynb #c66f4ea3
-def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: int, device):
+def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: int, device, document_ids=None):
     "Raise a clear TypeError/ValueError for inputs the model cannot use."
     if not isinstance(input_ids, torch.Tensor): raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
@@ -257,10 +259,11 @@ def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: 
     if input_ids.ndim != 2: raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}; use ids[None] for one sequence")
     B, T = input_ids.shape
     if T == 0: raise ValueError("input_ids is empty (seq_len 0)")
-    for name, t in (('labels', labels), ('position_ids', position_ids)):
+    for name, t in (('labels', labels), ('position_ids', position_ids), ('document_ids', document_ids)):
         if t is not None and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
             raise TypeError(f"{name} must be an integer tensor (torch.long), got {t.dtype}")
-    for name, t in (('input_ids', input_ids), ('labels', labels), ('attention_mask', attention_mask), ('position_ids', position_ids)):
+    for name, t in (('input_ids', input_ids), ('labels', labels), ('attention_mask', attention_mask), ('position_ids', position_ids),
+                    ('document_ids', document_ids)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the model is on {device}; move it with .to({str(device)!r})")
     if past + T > config.max_position_embeddings:
@@ -276,17 +279,23 @@ def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: 
         raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}")
     if position_ids is not None and (position_ids.ndim != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B)):
         raise ValueError(f"position_ids must be (batch or 1, seq_len) = ({B}, {T}), got {tuple(position_ids.shape)}")
+    if document_ids is not None:
+        if tuple(document_ids.shape) != (B, T):
+            raise ValueError(f"document_ids must be (batch, seq_len) = {(B, T)}, got {tuple(document_ids.shape)}")
+        if past: raise ValueError(f"document_ids needs an empty cache (packed training rows), got {past} cached positions")
+        if config.dual_chunk_attention_config is not None:
+            raise ValueError("document_ids is not supported with Dual Chunk Attention; unpack the rows")
 
 # %% ../nbs/05_model.ipynb #acb081de
 class CrossEntropy(torch.autograd.Function):
-    "Mean cross-entropy of logits (N, V) against targets (N,), ignoring -100; backward is softmax - one_hot."
+    "Mean cross-entropy of logits (N, V) against targets (N,), ignoring -100 (0 if all are); backward is softmax - one_hot."
     @staticmethod
     def forward(ctx, logits, target):
         valid = target != -100
         tgt = target.clamp(min=0)
         lse = torch.logsumexp(logits.float(), dim=-1)  # (N,)
         picked = logits.gather(1, tgt[:, None]).squeeze(1).float()
-        n = valid.sum()
+        n = valid.sum().clamp(min=1)  # no counted token: the sum is 0, the loss 0 and the gradient 0 (not 0/0 = nan)
         ctx.save_for_backward(logits, tgt, valid, n)
         return torch.where(valid, lse - picked, 0.0).sum() / n
 
@@ -298,7 +307,7 @@ class CrossEntropy(torch.autograd.Function):
         return g.mul_((valid * (grad / n))[:, None]).to(logits.dtype), None
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    "Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100 (labels are shifted, logits not copied)."
+    "Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100 (labels are shifted, logits not copied); 0 when none is counted."
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
     return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
 
@@ -329,13 +338,14 @@ class QwenForCausalLM(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                logits_to_keep: int = 0) -> CausalLMOutput:
-        "Logits (B, T, V) (only the last `logits_to_keep` positions if > 0); loss when `labels`; the cache when `use_cache`."
+                logits_to_keep: int = 0, document_ids=None) -> CausalLMOutput:
+        """Logits (B, T, V) (only the last `logits_to_keep` positions if > 0); loss when `labels`; the cache when `use_cache`.
+        `document_ids` (B, T): packed rows, each token attends only to earlier tokens of the same document."""
         if logits_to_keep and labels is not None: raise ValueError("logits_to_keep needs labels=None (the loss uses every position)")
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = cache.seq_len if cache is not None else 0
-        check_inputs(self.config, input_ids, labels, attention_mask, position_ids, past, self.lm_head.weight.device)
-        h, router_logits = self.model(input_ids, attention_mask, position_ids, cache)
+        check_inputs(self.config, input_ids, labels, attention_mask, position_ids, past, self.lm_head.weight.device, document_ids)
+        h, router_logits = self.model(input_ids, attention_mask, position_ids, cache, document_ids)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux = None

@@ -356,3 +356,75 @@ def test_cache_with_gradients_concatenates_and_backpropagates():
     torch.testing.assert_close(both, full, atol=1e-5, rtol=0)
     both.sum().backward()
     assert all(p.grad is not None for p in ours.parameters())
+
+
+# ---------------------------------------------------------------- packed rows (document_ids), empty losses
+def packed_row(cfg, lengths, T, seed=0):
+    "Random conversations of `lengths` packed into one row of T (tail padding): ids, position_ids, document_ids."
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (1, T), generator=g)
+    pos, doc = torch.zeros(1, T, dtype=torch.long), torch.full((1, T), len(lengths), dtype=torch.long)
+    at = 0
+    for d, n in enumerate(lengths):
+        pos[0, at:at + n], doc[0, at:at + n] = torch.arange(n), d; at += n
+    return ids, pos, doc
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+@pytest.mark.parametrize('name', ['tied_gqa2_theta1e4', 'yarn_untied'])
+def test_document_ids_make_every_packed_conversation_equal_its_own_run(name, attn):
+    cfg = make(name)
+    _, ours = twins(cfg)
+    ours.set_attn_implementation(attn)
+    rows = [packed_row(cfg, [5, 7, 4], 18, seed=1), packed_row(cfg, [3, 9, 2, 4], 18, seed=2)]
+    ids, pos, doc = (torch.cat(t) for t in zip(*rows))
+    with torch.no_grad():
+        packed = ours(ids, position_ids=pos, document_ids=doc).logits
+        leaky = ours(ids, position_ids=pos).logits  # plain causal mask: later conversations see earlier ones
+        for r, lengths in enumerate(([5, 7, 4], [3, 9, 2, 4])):
+            at = 0
+            for n in lengths:
+                alone = ours(ids[r:r + 1, at:at + n]).logits[0]
+                torch.testing.assert_close(packed[r, at:at + n], alone, atol=1e-5, rtol=0)
+                at += n
+        assert (leaky[0, 5:12] - packed[0, 5:12]).abs().max() > 1e-3
+        # one document per row is the plain causal model
+        torch.testing.assert_close(ours(ids, document_ids=torch.zeros_like(ids)).logits, ours(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_document_ids_match_transformers_packed_position_ids():
+    "transformers infers the same block-diagonal mask from restarting position_ids (no attention_mask, no cache)."
+    cfg = make('tied_gqa2_theta1e4')
+    for attn in ('eager', 'sdpa'):
+        hf, ours = twins(cfg, attn=attn)
+        ids, pos, doc = packed_row(cfg, [6, 8, 5], 22, seed=3)
+        pos[0, -3:] = torch.arange(3)  # the padding tail is a document of its own (positions 0, 1, 2)
+        with torch.no_grad():
+            ref = hf(ids, position_ids=pos, use_cache=False).logits
+            torch.testing.assert_close(ours(ids, position_ids=pos, document_ids=doc).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_document_ids_errors(small):
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match='document_ids must be'): small(ids, document_ids=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match='document_ids must be an integer tensor'): small(ids, document_ids=torch.zeros(2, 4))
+    with torch.no_grad(): out = small(ids, use_cache=True)
+    with pytest.raises(ValueError, match='document_ids needs an empty cache'):
+        small(ids, past_key_values=out.past_key_values, use_cache=True, document_ids=torch.zeros_like(ids))
+    dca = QwenForCausalLM(QwenConfig(**{**make('tied_gqa2_theta1e4').to_dict(),
+                                        'dual_chunk_attention_config': {'chunk_size': 24, 'local_size': 4}}))
+    with pytest.raises(ValueError, match='Dual Chunk Attention'): dca(ids, document_ids=torch.zeros_like(ids))
+
+
+def test_loss_with_no_labelled_token_is_zero_with_zero_gradient():
+    "F.cross_entropy(reduction='mean') returns nan when every target is ignored; ours returns 0 (a sum over no tokens)."
+    from qwen_edu.model import causal_lm_loss
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    assert torch.isnan(torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1)))
+    loss = causal_lm_loss(logits, labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    labels[0, 0] = 3  # only the first token is labelled: nothing predicts it (labels are shifted)
+    assert causal_lm_loss(logits, labels).item() == 0.0
