@@ -7,8 +7,9 @@ from __future__ import annotations
 import json, re
 
 # %% auto #0
-__all__ = ['DEFAULT_SYSTEM_PROMPT', 'TOOLS_PREAMBLE', 'TOOLS_POSTAMBLE', 'ROLES', 'to_json', 'render_system', 'render_tool_call',
-           'apply_chat_template', 'parse_tool_calls', 'parse_assistant_message']
+__all__ = ['DEFAULT_SYSTEM_PROMPT', 'TOOLS_PREAMBLE', 'TOOLS_POSTAMBLE', 'ROLES', 'CONTROL_TOKENS', 'Content', 'to_json',
+           'render_system', 'render_tool_call', 'render_chat_pieces', 'apply_chat_template', 'parse_tool_calls',
+           'parse_assistant_message', 'encode_chat']
 
 # %% ../nbs/02_chat.ipynb #8f24d2eb
 DEFAULT_SYSTEM_PROMPT = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.'
@@ -19,31 +20,42 @@ TOOLS_POSTAMBLE = ('\n</tools>\n\nFor each function call, return a json object w
                    '<args-json-object>}\n</tool_call>')
 ROLES = ('system', 'user', 'assistant', 'tool')
 
+class Content(str):
+    "A piece of rendered text that came from the messages or tools (not from the template): never a control token."
+
 def to_json(x) -> str:
     "JSON as the chat template's `tojson` filter writes it (non-ASCII kept, default separators)."
     return json.dumps(x, ensure_ascii=False)
 
-def render_system(messages: list[dict], tools: list | None = None) -> str:
-    "The system turn: the first message if it is a system message, else the default; plus the tools block."
+def _system_pieces(messages: list[dict], tools: list | None = None) -> list[str]:
     system = messages[0]['content'] if messages[0]['role'] == 'system' else DEFAULT_SYSTEM_PROMPT
     if not isinstance(system, str): raise ValueError(f"messages[0] (system): content must be a str, got {type(system).__name__}")
-    if tools: system += TOOLS_PREAMBLE + ''.join('\n' + to_json(t) for t in tools) + TOOLS_POSTAMBLE
-    return f'<|im_start|>system\n{system}<|im_end|>\n'
+    out = ['<|im_start|>system\n', Content(system) if messages[0]['role'] == 'system' else system]
+    if tools: out += [TOOLS_PREAMBLE, *[p for t in tools for p in ('\n', Content(to_json(t)))], TOOLS_POSTAMBLE]
+    return out + ['<|im_end|>\n']
+
+def render_system(messages: list[dict], tools: list | None = None) -> str:
+    "The system turn: the first message if it is a system message, else the default; plus the tools block."
+    return ''.join(_system_pieces(messages, tools))
 
 # %% ../nbs/02_chat.ipynb #c9bc8fe3
-def render_tool_call(call: dict) -> str:
-    "One `<tool_call>` block, preceded by a newline, as the template writes it."
+def _tool_call_pieces(call: dict) -> list[str]:
     if not isinstance(call, dict): raise TypeError(f"a tool call must be a dict, got {type(call).__name__}")
     if 'function' in call: call = call['function']
     if not isinstance(call, dict) or 'name' not in call or 'arguments' not in call:
         raise ValueError(f"a tool call needs a 'name' and 'arguments' (optionally inside 'function'), got {call!r}")
-    return f'\n<tool_call>\n{{"name": "{call["name"]}", "arguments": {to_json(call["arguments"])}}}\n</tool_call>'
+    return ['\n<tool_call>\n{"name": "', Content(str(call['name'])), '", "arguments": ', Content(to_json(call['arguments'])),
+            '}\n</tool_call>']
+
+def render_tool_call(call: dict) -> str:
+    "One `<tool_call>` block, preceded by a newline, as the template writes it."
+    return ''.join(_tool_call_pieces(call))
 
 def _content(m: dict, i: int, optional: bool = False) -> str:
     c = m.get('content')
-    if optional and c is None: return ''
+    if optional and c is None: return Content('')
     if not isinstance(c, str): raise ValueError(f"messages[{i}] ({m.get('role')}): content must be a str, got {type(c).__name__}")
-    return c
+    return Content(c)
 
 # %% ../nbs/02_chat.ipynb #436a5f78
 def _check(messages, tools):
@@ -55,26 +67,30 @@ def _check(messages, tools):
     if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
         raise TypeError("tools must be a list of JSON-schema dicts, e.g. {'type': 'function', 'function': {...}}")
 
-def apply_chat_template(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
-    "Render a conversation exactly as Qwen2.5-Instruct's chat template does."
+def render_chat_pieces(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> list[str]:
+    "The rendered conversation as a list of strings; the pieces that came from `messages`/`tools` are `Content`."
     _check(messages, tools)
-    out = [render_system(messages, tools)]
+    out = _system_pieces(messages, tools)
     for i, m in enumerate(messages):
         role = m['role']
         if role == 'system' and i == 0: continue  # already rendered as the system turn
         if role in ('user', 'system') or (role == 'assistant' and not m.get('tool_calls')):
-            out.append(f'<|im_start|>{role}\n{_content(m, i)}<|im_end|>\n')
+            out += [f'<|im_start|>{role}\n', _content(m, i), '<|im_end|>\n']
         elif role == 'assistant':
             content = _content(m, i, optional=True)
-            out.append('<|im_start|>assistant' + ('\n' + content if content else '')
-                       + ''.join(render_tool_call(c) for c in m['tool_calls']) + '<|im_end|>\n')
+            out += ['<|im_start|>assistant', *(['\n', content] if content else [])]
+            out += [p for c in m['tool_calls'] for p in _tool_call_pieces(c)] + ['<|im_end|>\n']
         else:  # tool: consecutive tool results share one user turn
             first = i == 0 or messages[i - 1]['role'] != 'tool'
             last = i == len(messages) - 1 or messages[i + 1]['role'] != 'tool'
-            out.append(('<|im_start|>user' if first else '') + f'\n<tool_response>\n{_content(m, i)}\n</tool_response>'
-                       + ('<|im_end|>\n' if last else ''))
+            out += [('<|im_start|>user' if first else '') + '\n<tool_response>\n', _content(m, i),
+                    '\n</tool_response>' + ('<|im_end|>\n' if last else '')]
     if add_generation_prompt: out.append('<|im_start|>assistant\n')
-    return ''.join(out)
+    return out
+
+def apply_chat_template(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
+    "Render a conversation exactly as Qwen2.5-Instruct's chat template does."
+    return ''.join(render_chat_pieces(messages, tools, add_generation_prompt))
 
 # %% ../nbs/02_chat.ipynb #13e903c6
 _TOOL_CALL_RE = re.compile(r'<tool_call>\s*(.*?)\s*</tool_call>', re.S)
@@ -99,3 +115,34 @@ def parse_assistant_message(text: str) -> dict:
     content = text[:text.index('<tool_call>')].removesuffix('\n')
     return {'role': 'assistant', 'content': content,
             'tool_calls': [{'type': 'function', 'function': c} for c in calls]}
+
+# %% ../nbs/02_chat.ipynb #5e0c7d11
+CONTROL_TOKENS = ('<|im_start|>', '<|im_end|>')
+
+def _codec(tokenizer):
+    "(spelling -> id of every control token, encode-as-plain-text function) of a tokenizer."
+    specials = getattr(tokenizer, 'special_tokens', None)
+    if isinstance(specials, dict) and callable(getattr(tokenizer, 'encode', None)):  # qwen_edu's BPETokenizer
+        return specials, lambda s: tokenizer.encode(s, disallowed_special=())
+    if callable(getattr(tokenizer, 'get_added_vocab', None)):  # a transformers tokenizer
+        return tokenizer.get_added_vocab(), lambda s: tokenizer.encode(s, add_special_tokens=False, split_special_tokens=True)
+    raise TypeError(f"encode_chat needs a tokenizer with control tokens: qwen_edu's BPETokenizer (e.g. "
+                    f"BPETokenizer.from_hf(path)) or a transformers tokenizer; got {type(tokenizer).__name__}")
+
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> list[int]:
+    "Token ids of the rendered conversation: the template's control tokens as ids, all message and tool text as plain text."
+    specials, plain = _codec(tokenizer)
+    for t in CONTROL_TOKENS:
+        if t not in specials: raise ValueError(f"the tokenizer has no {t!r} control token; ChatML needs {' and '.join(CONTROL_TOKENS)} "
+                                               f"(train it with special_tokens=[..., '<|im_start|>', '<|im_end|>'] or use Qwen's)")
+    split = re.compile('(' + '|'.join(map(re.escape, sorted(specials, key=len, reverse=True))) + ')')
+    ids, text = [], []  # text: plain pieces waiting to be encoded together
+    def flush():
+        if text: ids.extend(plain(''.join(text))); text.clear()
+    for piece in render_chat_pieces(messages, tools, add_generation_prompt):
+        if isinstance(piece, Content): text.append(piece); continue
+        for j, part in enumerate(split.split(piece)):  # odd parts are control-token spellings written by the template
+            if j % 2: flush(); ids.append(specials[part])
+            elif part: text.append(part)
+    flush()
+    return ids
