@@ -228,7 +228,8 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
         f, P = chosen.mean(0), probs.mean(0)
     else:
         m = attention_mask.reshape(-1).to(probs).repeat(len(router_logits))[:, None]  # (L*N, 1)
-        f, P = (chosen * m).sum(0) / m.sum(), (probs * m).sum(0) / m.sum()
+        n = m.sum().clamp(min=1)  # an all-padding batch: sums over no token are 0, so the loss is 0 (not 0/0 = nan)
+        f, P = (chosen * m).sum(0) / n, (probs * m).sum(0) / n
     return num_experts * (f * P).sum()
 
 # %% ../nbs/08_moe.ipynb #eb0246f8

@@ -264,3 +264,29 @@ def test_presets_as_released_and_meta_counts():
     tiny, dense = QwenConfig.from_preset('edu-moe-tiny'), QwenConfig.from_preset('edu-tiny')
     assert abs(tiny.num_active_params() / dense.num_active_params() - 1) < 0.01
     assert tiny.num_params() > 1.5 * dense.num_params()
+
+
+def test_aux_loss_with_an_all_zero_mask_is_zero():
+    "An all-padding batch has no token to balance: 0 (and a zero gradient), not 0/0."
+    lg = torch.randn(2 * 5, 8, requires_grad=True)
+    out = load_balancing_loss((lg, lg), 8, 2, torch.zeros(2, 5, dtype=torch.long))
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.equal(lg.grad, torch.zeros_like(lg))
+    m = torch.ones(2, 5); m[1] = 0  # a partly padded batch still equals the loss over its real rows
+    torch.testing.assert_close(load_balancing_loss(lg, 8, 2, m), load_balancing_loss(lg[:5], 8, 2))
+
+
+def test_packed_rows_with_document_ids_equal_separate_runs():
+    "The MoE model shares the attention: with document_ids every packed sequence gets the logits of its own run."
+    _, hf = tiny_hf()
+    ours = from_hf(hf)
+    lens, ids = [6, 9, 5], X[:1]
+    docs = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad():
+        packed = ours(ids, position_ids=pos, document_ids=docs).logits
+        at = 0
+        for n in lens:
+            torch.testing.assert_close(packed[:, at:at + n], ours(ids[:, at:at + n]).logits, atol=1e-5, rtol=0); at += n
+        torch.testing.assert_close(packed, hf(ids, position_ids=pos, use_cache=False).logits, atol=1e-5, rtol=0)
