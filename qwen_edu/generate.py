@@ -4,14 +4,14 @@
 
 # %% ../nbs/07_generate.ipynb #d7bf7ade
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, math, numbers, sys
 import torch
 from .model import QwenForCausalLM, KVCache
 
 # %% auto #0
-__all__ = ['IM_END', 'ENDOFTEXT', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter', 'next_token', 'pad_prompts',
-           'positions_from_mask', 'default_stop_tokens', 'generate', 'decode_layout', 'split_utf8', 'TextStreamer',
-           'chat', 'chat_cli']
+__all__ = ['IM_END', 'ENDOFTEXT', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter', 'check_sampling', 'next_token',
+           'pad_prompts', 'positions_from_mask', 'default_stop_tokens', 'generate', 'decode_layout', 'split_utf8',
+           'TextStreamer', 'chat', 'fit_history', 'chat_cli']
 
 # %% ../nbs/07_generate.ipynb #ad42ecb5
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -36,14 +36,29 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float('-inf'))
 
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float | None = None):
+    "Raise a clear error for a sampling setting out of range: a NaN or inf would silently sample uniformly or crash in torch."
+    def number(name, v, rule):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real): raise TypeError(f"{name} must be a number ({rule}), got {v!r}")
+        return math.isfinite(v)
+    if not number('temperature', temperature, '>= 0, 0 is greedy') or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k cut), got {top_k!r}")
+    if top_p is not None and (not number('top_p', top_p, 'in (0, 1]') or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty is not None and (not number('repetition_penalty', repetition_penalty, '> 0') or repetition_penalty <= 0):
+        raise ValueError(f"repetition_penalty must be > 0 and finite (1 is off), got {repetition_penalty}")
+
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float | None = None, seen: torch.Tensor | None = None, generator=None) -> torch.Tensor:
     "The next token of each row (B,) from last-position logits (B, V): argmax when temperature == 0, else a sample."
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
     logits = logits.float()
     if repetition_penalty is not None and repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if not temperature: return logits.argmax(-1)
-    if temperature < 0: raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     logits = logits / temperature
     if top_k: logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0: logits = top_p_filter(logits, top_p)
@@ -55,6 +70,9 @@ def pad_prompts(prompts: list, pad_id: int = 0, device='cpu') -> tuple[torch.Ten
     if not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
         raise TypeError("prompts must be a non-empty list of token-id lists (or a (B, T) tensor)")
     if any(len(p) == 0 for p in prompts): raise ValueError("every prompt needs at least one token")
+    for i, p in enumerate(prompts):
+        bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+        if bad is not None: raise TypeError(f"token ids must be ints; prompt {i} holds {bad!r} ({type(bad).__name__})")
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -82,8 +100,10 @@ def _stop_set(config, stop_tokens) -> set[int]:
         if stop_tokens != 'default': raise ValueError(f"stop_tokens must be 'default', None or a list of ids, got {stop_tokens!r}")
         return default_stop_tokens(config)
     if stop_tokens is None: return set()
-    if isinstance(stop_tokens, int): return {stop_tokens}
-    return {int(t) for t in stop_tokens}
+    stops = [stop_tokens] if isinstance(stop_tokens, numbers.Integral) else list(stop_tokens)
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in stops):
+        raise TypeError(f"stop_tokens must be ints (token ids), got {stop_tokens!r}")
+    return {int(t) for t in stops}
 
 def _prompt_tensors(prompts, attention_mask, device):
     "(ids, mask) as (B, T) long tensors on `device` from a tensor or a list of token-id lists."
@@ -97,7 +117,7 @@ def _prompt_tensors(prompts, attention_mask, device):
         if (mask[:, -1] == 0).any(): raise ValueError("prompts must be left-padded: the last column of attention_mask must be 1")
         return ids.to(device).long(), mask.to(device).long()
     if attention_mask is not None: raise ValueError("attention_mask goes with a tensor of input_ids; lists are padded for you")
-    if prompts and isinstance(prompts[0], int): prompts = [prompts]
+    if prompts and not isinstance(prompts[0], (list, tuple)): prompts = [prompts]  # one prompt
     return pad_prompts(list(prompts), device=device)
 
 @torch.inference_mode()
@@ -106,12 +126,18 @@ def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperat
              stop_tokens='default', attention_mask=None, seed: int | None = None, generator=None,
              stream=None) -> list[list[int]]:
     "New tokens for each prompt (tensor (B, T) or list of id lists): greedy if temperature == 0, with a KV cache."
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0: raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 and an int, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    stop_set = _stop_set(model.config, stop_tokens)
     device = next(model.parameters()).device
     ids, mask = _prompt_tensors(prompts, attention_mask, device)
-    B, T, V = ids.shape[0], ids.shape[1], model.config.vocab_size
-    stops = torch.tensor(sorted(_stop_set(model.config, stop_tokens)), dtype=torch.long, device=device)
+    B, T, V, ctx = ids.shape[0], ids.shape[1], model.config.vocab_size, model.config.max_position_embeddings
+    if T > ctx: raise ValueError(f"the prompt ({T} tokens) exceeds max_position_embeddings ({ctx}); shorten it")
+    if T == ctx: raise ValueError(f"the prompt ({T} tokens) fills the context (max_position_embeddings {ctx}): "
+                                  f"no room for a new token; shorten it")
+    max_new_tokens = min(int(max_new_tokens), ctx - T)  # prompt + new tokens never exceed the context (nor the cache)
+    stops = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
     if generator is None and seed is not None: generator = torch.Generator(device).manual_seed(seed)
     padded = bool((mask == 0).any())
     cache = KVCache(max_len=T + max_new_tokens)
@@ -196,16 +222,26 @@ class TextStreamer:
 # %% ../nbs/07_generate.ipynb #45b0e010
 def chat(model: QwenForCausalLM, tokenizer, messages: list[dict], stream=False, **gen_kwargs) -> str:
     "The assistant's reply to `messages` (ChatML), generated with `generate(**gen_kwargs)`; `stream=True` prints it live."
-    from qwen_edu.chat import apply_chat_template
-    text = apply_chat_template(messages, add_generation_prompt=True)
-    try: ids = tokenizer.encode(text, allowed_special='all')
-    except TypeError: ids = tokenizer.encode(text)  # tokenizers that always parse control tokens (transformers)
+    from qwen_edu.chat import encode_chat
+    ids = encode_chat(tokenizer, messages, add_generation_prompt=True)  # message text never becomes control tokens
     streamer = TextStreamer(tokenizer) if stream is True else (stream or None)
     out = generate(model, [ids], stream=streamer, **gen_kwargs)[0]
     stops = _stop_set(model.config, gen_kwargs.get('stop_tokens', 'default'))
     if out and out[-1] in stops: out = out[:-1]
     if streamer is not None and stream is True: print()
     return tokenizer.decode(out)
+
+def fit_history(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[dict], int]:
+    "(`messages` without their oldest exchanges so that the prompt has at most `max_tokens` tokens, how many were dropped)."
+    from qwen_edu.chat import encode_chat
+    head = list(messages[:1]) if messages and messages[0].get('role') == 'system' else []  # the system message stays
+    rest, dropped = list(messages[len(head):]), 0
+    while (n := len(encode_chat(tokenizer, head + rest, add_generation_prompt=True))) > max_tokens:
+        cut = next((i for i in range(1, len(rest)) if rest[i]['role'] == 'user'), None)  # the oldest exchange ends there
+        if cut is None: raise ValueError(f"the last message is too long for the context: the prompt needs {n} tokens "
+                                         f"and only {max_tokens} fit; shorten it")
+        rest, dropped = rest[cut:], dropped + cut
+    return head + rest, dropped
 
 # %% ../nbs/07_generate.ipynb #de194850
 def chat_cli(argv=None):
@@ -222,21 +258,31 @@ def chat_cli(argv=None):
     p.add_argument('--repetition-penalty', type=float, default=None, help='default: generation_config.json, else 1.05')
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    p.add_argument('--device', default='cpu', help="where the model runs: cpu, cuda, cuda:1, mps")
     a = p.parse_args(argv)
     from qwen_edu.hf import from_hf, resolve_checkpoint
     from qwen_edu.tokenizer import BPETokenizer
+    from qwen_edu.chat import encode_chat
     path = resolve_checkpoint(a.model)
-    model, tok = from_hf(path, dtype=a.dtype), BPETokenizer.from_hf(a.tokenizer or path)
+    model, tok = from_hf(path, dtype=a.dtype, device=a.device), BPETokenizer.from_hf(a.tokenizer or path)
     gc = json.loads((path / 'generation_config.json').read_text()) if (path / 'generation_config.json').exists() else {}
     def pick(arg, key, default): return arg if arg is not None else gc.get(key, default)
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=pick(a.temperature, 'temperature', 0.7),
                top_p=pick(a.top_p, 'top_p', 0.8), top_k=pick(a.top_k, 'top_k', 20),
                repetition_penalty=pick(a.repetition_penalty, 'repetition_penalty', 1.05),
-               generator=torch.Generator().manual_seed(a.seed) if a.seed is not None else None)
+               generator=torch.Generator(a.device).manual_seed(a.seed) if a.seed is not None else None)
     if gc.get('do_sample') is False and a.temperature is None: gen['temperature'] = 0.0
     system = [{'role': 'system', 'content': a.system}] if a.system else []
+    encode_chat(tok, system + [{'role': 'user', 'content': ''}])  # a tokenizer without ChatML's tokens fails here, once
+    ctx = model.config.max_position_embeddings
+    room = ctx - min(a.max_new_tokens, ctx // 2)  # prompt tokens that leave room for a reply
+    def fit(msgs):
+        try: return fit_history(tok, msgs, room)
+        except ValueError as e: print(f"qwen-edu chat: {e} (not sent)", file=sys.stderr); return None, 0
     if a.prompt is not None:
-        chat(model, tok, system + [{'role': 'user', 'content': a.prompt}], stream=True, **gen)
+        msgs, _ = fit(system + [{'role': 'user', 'content': a.prompt}])
+        if msgs is None: return 2
+        chat(model, tok, msgs, stream=True, **gen)
         return 0
     messages, tty = list(system), sys.stdin.isatty()
     while True:
@@ -245,6 +291,10 @@ def chat_cli(argv=None):
         if line.strip() in ('/exit', '/quit'): break
         if line.strip() == '/reset': messages = list(system); continue
         if not line.strip(): continue
-        messages.append({'role': 'user', 'content': line})
+        fitted, dropped = fit(messages + [{'role': 'user', 'content': line}])
+        if fitted is None: continue  # too long even alone: the conversation so far is kept
+        if dropped: print(f"[context full ({ctx} tokens): dropped the oldest {dropped} messages; /reset clears the history]",
+                          file=sys.stderr)
+        messages = fitted
         messages.append({'role': 'assistant', 'content': chat(model, tok, messages, stream=True, **gen)})
     return 0
