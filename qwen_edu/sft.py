@@ -6,7 +6,8 @@
 __all__ = ['ROLES', 'SYSTEM_PROMPT', 'CHAT_SPECIAL_TOKENS', 'check_messages', 'example_messages', 'tokenize_conversation',
            'assistant_mask', 'train_task_tokenizer', 'sft_batch', 'pack_conversations', 'lr_schedule', 'sft_train',
            'prompt_ids', 'sample', 'decode_response', 'generate_responses', 'task_accuracy', 'rejection_sample',
-           'toy_model', 'pretrain_on_text', 'pretraining_texts', 'toy_models', 'save_stage', 'run_sft']
+           'toy_model', 'pretrain_on_text', 'pretraining_texts', 'save_weights', 'load_weights', 'toy_models',
+           'save_stage', 'load_stage', 'run_sft']
 
 # %% ../nbs/12_sft.ipynb #bc633b79
 import dataclasses, json, random, time
@@ -93,7 +94,9 @@ def sft_batch(tokenized, pad_id, max_len=None):
     return input_ids, labels, attn
 
 def pack_conversations(tokenized, seq_len, pad_id):
-    "Greedily pack (ids, mask) pairs into rows of `seq_len`: input_ids, labels, position_ids (restart per conversation)."
+    """Greedily pack (ids, mask) pairs into rows of `seq_len`: input_ids, labels, position_ids (restarting per
+    conversation) and document_ids (which conversation each token belongs to; the padding tail is one more).
+    Pass position_ids and document_ids to the model: its block-diagonal mask keeps the conversations apart."""
     rows, cur = [], []
     for ids, m in tokenized:
         if len(ids) > seq_len: raise ValueError(f"a conversation of {len(ids)} tokens does not fit seq_len={seq_len}")
@@ -101,16 +104,18 @@ def pack_conversations(tokenized, seq_len, pad_id):
         cur.append((ids, m))
     if cur: rows.append(cur)
     input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    labels = torch.full_like(input_ids, -100); pos = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100); pos = torch.zeros_like(input_ids); doc = torch.zeros_like(input_ids)
     for r, convs in enumerate(rows):
         at = 0
-        for ids, m in convs:
+        for d, (ids, m) in enumerate(convs):
             n = len(ids)
             input_ids[r, at:at + n] = torch.tensor(ids)
             labels[r, at:at + n] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(ids), -100)
             labels[r, at] = -100  # never predict a conversation's first token from the previous one
-            pos[r, at:at + n] = torch.arange(n); at += n
-    return input_ids, labels, pos
+            pos[r, at:at + n], doc[r, at:at + n] = torch.arange(n), d; at += n
+        pos[r, at:], doc[r, at:] = torch.arange(seq_len - at), len(convs)  # the padding tail: a document of its own
+    return input_ids, labels, pos, doc
+
 
 # %% ../nbs/12_sft.ipynb #17c824ef
 def lr_schedule(step, total, lr, warmup=10, final_ratio=0.1):
@@ -118,8 +123,10 @@ def lr_schedule(step, total, lr, warmup=10, final_ratio=0.1):
     return lr_at(step, total, lr, warmup_steps=warmup, min_lr_ratio=final_ratio, schedule='cosine')
 
 def sft_train(model, tokenizer, examples, steps=200, batch_size=32, lr=3e-3, weight_decay=0.1, clip=1.0, seed=0,
-              max_len=256, log_every=0):
-    "Fine-tune `model` on the examples' chat conversations (loss on assistant tokens); the list of step losses."
+              max_len=256, log_every=0, pack=False):
+    """Fine-tune `model` on the examples' chat conversations (loss on assistant tokens); the list of step losses.
+    Each step draws `batch_size` conversations (cut to `max_len`) and right-pads them, or with `pack` packs them into
+    rows of `max_len` with a block-diagonal mask (the same loss, fewer rows)."""
     if not examples: raise ValueError("sft_train needs at least one example")
     tokenized = [tokenize_conversation(tokenizer, example_messages(e)) if isinstance(e, Example)
                  else tokenize_conversation(tokenizer, e) for e in examples]
@@ -131,8 +138,13 @@ def sft_train(model, tokenizer, examples, steps=200, batch_size=32, lr=3e-3, wei
     model.train()
     for step in range(steps):
         for g in opt.param_groups: g['lr'] = lr_schedule(step, steps, lr)
-        x, y, am = sft_batch([tokenized[rng.randrange(len(tokenized))] for _ in range(batch_size)], tokenizer.eos_id, max_len)
-        loss = model(x, labels=y, attention_mask=am).loss
+        batch = [tokenized[rng.randrange(len(tokenized))] for _ in range(batch_size)]
+        if pack:
+            x, y, pos, doc = pack_conversations([(i[:max_len], m[:max_len]) for i, m in batch], max_len, tokenizer.eos_id)
+            loss = model(x, labels=y, position_ids=pos, document_ids=doc).loss
+        else:
+            x, y, am = sft_batch(batch, tokenizer.eos_id, max_len)
+            loss = model(x, labels=y, attention_mask=am).loss
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip); opt.step()
         losses.append(loss.item())
@@ -219,15 +231,32 @@ def pretraining_texts(n=2000, tasks=('arith', 'word'), seed=100):
     return [f"{e.prompt}\n{e.solution}" for e in make_examples(list(tasks), n, seed=seed, level=1)]
 
 # %% ../nbs/12_sft.ipynb #10ebd781
+def save_weights(model, path, metadata=None):
+    "The model's tensors to a safetensors file, each once (a tied `lm_head.weight` is the embedding: dropped, as in HF)."
+    from safetensors.torch import save_file
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+    save_file(sd, str(path), metadata={'format': 'pt', **(metadata or {})})
+
+def load_weights(model, path):
+    "Load a `save_weights` file into `model` (tied weights follow their source); a clear error on a mismatch."
+    from safetensors.torch import load_file
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    tied = set(model.state_dict()) - ({n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()})
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{path} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return model
+
 def toy_models(cache_dir=None, pretrain_steps=150, sft_steps=400, hidden_size=128, seed=0, verbose=True):
-    "(tokenizer, pre-trained model, SFT model) for the toy experiments, cached as .pt files in `cache_dir`."
+    "(tokenizer, pre-trained model, SFT model) for the toy experiments, cached as .safetensors files in `cache_dir`."
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and kind to a shared machine
     tok = train_task_tokenizer(seed=seed)
     base, sft = toy_model(tok, seed, hidden_size), toy_model(tok, seed, hidden_size)
-    paths = [Path(cache_dir) / f"toy_{n}_h{hidden_size}_p{pretrain_steps}_s{sft_steps}_seed{seed}.pt" for n in ('base', 'sft')] \
+    paths = [Path(cache_dir) / f"toy_{n}_h{hidden_size}_p{pretrain_steps}_s{sft_steps}_seed{seed}.safetensors" for n in ('base', 'sft')] \
         if cache_dir else None
     if paths and all(p.exists() for p in paths):
-        base.load_state_dict(torch.load(paths[0])); sft.load_state_dict(torch.load(paths[1]))
+        load_weights(base, paths[0]); load_weights(sft, paths[1])  # tensors only: nothing is unpickled
         return tok, base.eval(), sft.eval()
     t0 = time.time()
     pretrain_on_text(base, tok, pretraining_texts(2000, seed=seed + 100), steps=pretrain_steps, batch_size=16, seq_len=64, seed=seed)
@@ -237,16 +266,26 @@ def toy_models(cache_dir=None, pretrain_steps=150, sft_steps=400, hidden_size=12
     if verbose: print(f"toy models trained in {time.time() - t0:.0f}s; SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     if paths:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
-        torch.save(base.state_dict(), paths[0]); torch.save(sft.state_dict(), paths[1])
+        save_weights(base, paths[0]); save_weights(sft, paths[1])
     return tok, base.eval(), sft.eval()
 
 # %% ../nbs/12_sft.ipynb #59fb6267
 def save_stage(model, metrics, out_dir, name):
-    "Write `{name}_model.pt` (state dict) and `{name}_metrics.json` under out_dir (created if needed)."
+    """Write `{name}_model.safetensors` (the weights, a tied head stored once) and `{name}_metrics.json` under
+    out_dir (created if needed). No pickle: loading them can never run code."""
     if out_dir is None: return
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"{name}_model.pt")
+    save_weights(model, out / f"{name}_model.safetensors", {'stage': name})
     (out / f"{name}_metrics.json").write_text(json.dumps(metrics, indent=1))
+
+def load_stage(model, out_dir, name):
+    "Load what `save_stage` wrote into `model` (same config; ties kept); return the metrics dict."
+    out = Path(out_dir)
+    path = out / f"{name}_model.safetensors"
+    if not path.exists(): raise FileNotFoundError(f"no stage {name!r} in {out}: {path.name} is missing")
+    load_weights(model, path)
+    mp = out / f"{name}_metrics.json"
+    return json.loads(mp.read_text()) if mp.exists() else {}
 
 def run_sft(model, tokenizer, out_dir=None, steps=300, tasks=('arith', 'word'), level=1, n_train=2000, n_eval=100,
             batch_size=16, lr=3e-3, seed=0):

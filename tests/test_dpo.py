@@ -217,4 +217,4 @@ def test_run_dpo_entry_point(tiny, tmp_path):
                       base_model=copy.deepcopy(model), optimizer='ondare')
     for k in ('heldout_margin_before', 'heldout_margin_after', 'heldout_pref_accuracy_after', 'heldout_task_accuracy_after'):
         assert k in metrics
-    assert (tmp_path / 'dpo_model.pt').exists() and (tmp_path / 'dpo_metrics.json').exists()
+    assert (tmp_path / 'dpo_model.safetensors').exists() and (tmp_path / 'dpo_metrics.json').exists()

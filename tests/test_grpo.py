@@ -169,7 +169,7 @@ def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
     metrics = G.run_grpo(m, tok, out_dir=tmp_path, steps=1, n_train=4, n_eval=2, group_size=2, queries_per_step=2,
                          max_new_tokens=4)
     assert {'heldout_accuracy_before', 'heldout_accuracy_after'} <= set(metrics)
-    assert (tmp_path / 'grpo_model.pt').exists()
+    assert (tmp_path / 'grpo_model.safetensors').exists() and not list(tmp_path.glob('*.pt'))
     # without the pipeline loaded, nothing is registered; with it, sft -> dpo -> grpo follow pretrain
     monkeypatch.delitem(sys.modules, 'qwen_edu.pipeline', raising=False)
     assert G.register_pipeline_stages() is False

@@ -1,6 +1,6 @@
 """SFT: the assistant mask covers exactly the assistant's content and <|im_end|>, piecewise tokenization equals
-whole-text tokenization, the loss counts exactly the assistant tokens, packing resets positions (and leaks across
-conversations, as documented), the cached sampler equals uncached greedy decoding, rejection sampling keeps only
+whole-text tokenization, the loss counts exactly the assistant tokens, packing gives every packed conversation
+its own logits (block-diagonal mask), the cached sampler equals uncached greedy decoding, rejection sampling keeps only
 passing responses, and malformed conversations fail clearly."""
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from qwen_edu.chat import apply_chat_template
 from qwen_edu.sft import (assistant_mask, example_messages, generate_responses, pack_conversations, prompt_ids,
                           rejection_sample, sample, sft_batch, sft_train, tokenize_conversation, toy_model,
-                          train_task_tokenizer, lr_schedule, run_sft)
+                          train_task_tokenizer, lr_schedule, run_sft, save_stage, load_stage, toy_models)
 from qwen_edu.tasks import make_examples, score
 from qwen_edu.tokenizer import BPETokenizer
 
@@ -77,19 +77,45 @@ def test_loss_counts_exactly_assistant_tokens(tok, model):
     assert abs(out.loss.item() - total / n) < 1e-4
 
 
-def test_packing_resets_positions_and_first_conversation_is_exact(tok, model):
-    convs = [tokenize_conversation(tok, example_messages(e)) for e in make_examples('arith', 2, seed=2)] * 2
-    L = sum(len(i) for i, _ in convs[:2])
-    x, y, pos = pack_conversations(convs, L, tok.eos_id)
-    assert x.shape == (2, L)
-    n0 = len(convs[0][0])
-    assert pos[0, :n0].tolist() == list(range(n0)) and pos[0, n0] == 0
+def test_packing_blocks_attention_between_conversations(tok, model):
+    convs = [tokenize_conversation(tok, example_messages(e)) for e in make_examples(['arith', 'word'], 7, seed=2)]
+    L = max(len(i) for i, _ in convs) * 2 + 3
+    x, y, pos, doc = pack_conversations(convs, L, tok.eos_id)
+    assert x.shape[1] == L and x.shape[0] < len(convs)  # some rows hold several conversations
     assert (y != -100).sum().item() == sum(sum(m) for _, m in convs) - sum(m[0] for _, m in convs)
     with torch.no_grad():
-        packed = model(x, position_ids=pos).logits
-        alone = model(torch.tensor([convs[0][0]])).logits
-    assert torch.allclose(packed[0, :n0], alone[0], atol=1e-5)
+        packed = model(x, position_ids=pos, document_ids=doc).logits
+        leaky = model(x, position_ids=pos).logits
+    # walk the rows: every conversation, not only each row's first, equals its own run
+    r, at, checked, leaks = 0, 0, 0, 0
+    for ids, _ in convs:
+        if at + len(ids) > L: r, at = r + 1, 0
+        n = len(ids)
+        assert x[r, at:at + n].tolist() == ids and pos[r, at:at + n].tolist() == list(range(n))
+        assert (doc[r, at:at + n] == doc[r, at]).all() and (at == 0 or doc[r, at] != doc[r, at - 1])
+        with torch.no_grad(): alone = model(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(packed[r, at:at + n], alone, atol=1e-5, rtol=0)
+        checked += 1; leaks += at > 0 and (leaky[r, at:at + n] - alone).abs().max().item() > 1e-3
+        at += n
+    assert checked == len(convs) and leaks >= 1  # without document_ids the later conversations see the earlier ones
     with pytest.raises(ValueError, match='does not fit'): pack_conversations(convs, 3, 0)
+
+
+def test_packed_loss_equals_padded_loss_and_sft_train_packs(tok, model):
+    convs = [tokenize_conversation(tok, example_messages(e)) for e in make_examples('word', 6, seed=5)]
+    with torch.no_grad():
+        x, y, am = sft_batch(convs, tok.eos_id)
+        padded = model(x, labels=y, attention_mask=am).loss
+        x, y, pos, doc = pack_conversations(convs, 180, tok.eos_id)
+        packed = model(x, labels=y, position_ids=pos, document_ids=doc).loss
+    assert x.shape[0] == 3 < len(convs)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    exs = make_examples('arith', 30, seed=0)
+    runs = {}
+    for pack in (False, True):
+        m = toy_model(tok, hidden_size=32)
+        runs[pack] = sft_train(m, tok, exs, steps=2, batch_size=6, max_len=96, pack=pack)
+    assert abs(runs[True][0] - runs[False][0]) < 1e-5  # same conversations, same first loss
 
 
 def test_cached_sampler_matches_uncached_greedy(tok, model):
@@ -123,4 +149,54 @@ def test_sft_reduces_loss_and_run_sft_writes_outputs(tok, tmp_path):
     assert sum(losses[-5:]) / 5 < losses[0] * 0.7
     metrics = run_sft(m, tok, out_dir=tmp_path, steps=2, n_train=20, n_eval=4, batch_size=4)
     assert set(metrics) >= {'heldout_accuracy_before', 'heldout_accuracy_after'}
-    assert (tmp_path / 'sft_model.pt').exists() and (tmp_path / 'sft_metrics.json').exists()
+    assert (tmp_path / 'sft_model.safetensors').exists() and (tmp_path / 'sft_metrics.json').exists()
+    assert not list(tmp_path.glob('*.pt'))
+
+
+def booby_trapped_pickle(path, marker):
+    "A .pt file that creates `marker` if anything ever unpickles it."
+    import os, pickle
+    class Trap:
+        def __reduce__(self): return (os.mkdir, (str(marker),))
+    path.write_bytes(pickle.dumps({'model': Trap()}))
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    "Make torch.load and pickle loading fail loudly for the duration of a test."
+    import pickle
+    def refuse(*a, **k): raise AssertionError('something tried to unpickle')
+    monkeypatch.setattr(torch, 'load', refuse)
+    monkeypatch.setattr(pickle, 'load', refuse); monkeypatch.setattr(pickle, 'loads', refuse)
+
+
+def test_stage_saves_are_safetensors_and_json_and_never_unpickle(tok, tmp_path, no_unpickling):
+    marker = tmp_path / 'UNPICKLED'
+    m = toy_model(tok, hidden_size=32)
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # tied: stored once
+    booby_trapped_pickle(tmp_path / 'sft_model.pt', marker)  # the old file name, crafted
+    save_stage(m, {'stage': 'sft', 'loss': 1.5}, tmp_path, 'sft')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['sft_metrics.json', 'sft_model.pt', 'sft_model.safetensors']
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'sft_model.safetensors'), 'pt') as f: assert 'lm_head.weight' not in set(f.keys())
+    fresh = toy_model(tok, seed=1, hidden_size=32)
+    assert load_stage(fresh, tmp_path, 'sft') == {'stage': 'sft', 'loss': 1.5}
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in m.state_dict().items())
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError, match='no stage'): load_stage(fresh, tmp_path, 'dpo')
+    save_stage(toy_model(tok, hidden_size=32, layers=1), {}, tmp_path, 'small')
+    with pytest.raises(ValueError, match='does not fit the model'): load_stage(fresh, tmp_path, 'small')
+
+
+def test_toy_models_cache_is_safetensors_and_ignores_pickles(tmp_path, no_unpickling):
+    marker = tmp_path / 'UNPICKLED'
+    kw = dict(pretrain_steps=1, sft_steps=1, hidden_size=32, verbose=False)
+    for n in ('base', 'sft'): booby_trapped_pickle(tmp_path / f"toy_{n}_h32_p1_s1_seed0.pt", marker)
+    _, base, sft = toy_models(tmp_path, **kw)
+    assert sorted(p.name for p in tmp_path.glob('*.safetensors')) == ['toy_base_h32_p1_s1_seed0.safetensors',
+                                                                     'toy_sft_h32_p1_s1_seed0.safetensors']
+    _, base2, sft2 = toy_models(tmp_path, **kw)  # from the cache
+    for a, b in ((base, base2), (sft, sft2)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not marker.exists()
