@@ -72,8 +72,10 @@ from .dpo import token_logps
 from .sft import prompt_ids, sample, decode_response, task_accuracy, _special_id
 from .tasks import score
 
-def completion_token_logps(model, prompts, completions, pad_id=0):
-    "Per-token log-probs (B, T-1) of prompt+completion rows and the mask of the completion tokens (B, T-1)."
+def completion_token_logps(model, prompts, completions, pad_id=0, temperature=1.0):
+    """Per-token log-probs (B, T-1) of prompt+completion rows and the mask of the completion tokens (B, T-1).
+    The log-probs are of softmax(logits / temperature): the distribution the completions were sampled from."""
+    if not temperature > 0: raise ValueError(f"temperature must be > 0 (the sampling temperature), got {temperature}")
     seqs = [p + c for p, c in zip(prompts, completions)]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -81,6 +83,7 @@ def completion_token_logps(model, prompts, completions, pad_id=0):
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids[i, :len(p) + len(c)] = torch.tensor(p + c); attn[i, :len(p) + len(c)] = 1; comp[i, len(p):len(p) + len(c)] = 1
     logits = model(ids, attention_mask=attn).logits
+    if temperature != 1.0: logits = logits / temperature
     return token_logps(logits[:, :-1], ids[:, 1:]), comp[:, 1:]
 
 def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, queries_per_step=8, pool_factor=2,
@@ -88,6 +91,7 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
                num_iterations=1, clip=1.0, seed=0, eval_examples=None, eval_every=10, reward_fn=score):
     "GRPO on task `queries` (Examples) rewarded by `reward_fn(example, text)`; history of reward and held-out accuracy."
     if not queries: raise ValueError("grpo_train needs at least one query")
+    if not temperature > 0: raise ValueError(f"temperature must be > 0: GRPO samples its groups (got {temperature})")
     stop, pad = _special_id(tokenizer, '<|im_end|>'), tokenizer.eos_id or 0
     ref_model.eval()
     for p in ref_model.parameters(): p.requires_grad_(False)
@@ -115,10 +119,10 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
         P, C = [prompts[i] for i in rows], [comps[i] for i in rows]
         policy.train()
         with torch.no_grad():
-            ref_lp, _ = completion_token_logps(ref_model, P, C, pad)
-            old_lp = completion_token_logps(policy, P, C, pad)[0] if num_iterations > 1 else None
+            ref_lp, _ = completion_token_logps(ref_model, P, C, pad, temperature)
+            old_lp = completion_token_logps(policy, P, C, pad, temperature)[0] if num_iterations > 1 else None
         for _ in range(num_iterations):
-            lp, mask = completion_token_logps(policy, P, C, pad)
+            lp, mask = completion_token_logps(policy, P, C, pad, temperature)
             loss = grpo_loss(lp, old_lp, ref_lp, adv, mask, epsilon, beta, loss_type, max_new_tokens)
             opt.zero_grad(set_to_none=True); loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), clip); opt.step()

@@ -193,3 +193,42 @@ def test_post_training_steps_scale_with_pretraining():
     assert post_training_steps(types.SimpleNamespace(max_steps=6), 'sft') == 15
     assert post_training_steps(types.SimpleNamespace(max_steps=1), 'grpo') == 2
     assert post_training_steps(types.SimpleNamespace(max_steps=6, post_training_steps={'dpo': 7}), 'dpo') == 7
+
+
+def test_log_probs_use_the_sampling_temperature(tok, monkeypatch):
+    "Sampling at T draws from softmax(logits / T): the old-policy, policy and reference log-probs must be of that."
+    import qwen_edu.grpo as G
+    from qwen_edu.sft import toy_model
+    from qwen_edu.tasks import make_examples
+    torch.manual_seed(0)
+    model, T = toy_model(tok, hidden_size=32).eval(), 0.6
+    prompts, comps = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    with torch.no_grad():
+        lp, _ = G.completion_token_logps(model, prompts, comps, temperature=T)
+        full = torch.log_softmax(model(torch.tensor([[8, 9, 12, 13, 14]])).logits[0] / T, -1)
+    assert torch.allclose(lp[1, 1:], torch.stack([full[1, 12], full[2, 13], full[3, 14]]), atol=1e-5)
+    with pytest.raises(ValueError, match='temperature must be > 0'): G.completion_token_logps(model, prompts, comps, temperature=0)
+    # inside grpo_train: the tokens it sampled at T, scored by the starting policy at T
+    seen, real_sample, real_loss = {}, G.sample, G.grpo_loss
+    def spy_sample(m, p, n, temperature, *a):
+        out = real_sample(m, p, n, temperature, *a)
+        seen.update(P=p, C=out, T=temperature); return out
+    def spy_loss(lp, old, ref, *a):
+        seen.setdefault('loss_args', []).append((lp.detach(), old, ref, a[1])); return real_loss(lp, old, ref, *a)
+    monkeypatch.setattr(G, 'sample', spy_sample); monkeypatch.setattr(G, 'grpo_loss', spy_loss)
+    start, ref, pol = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    G.grpo_train(pol, ref, tok, make_examples('arith', 1, seed=0), steps=1, group_size=2, queries_per_step=1,
+                 pool_factor=1, temperature=T, max_new_tokens=4, num_iterations=2, reward_fn=lambda e, r: float(len(r) % 2))
+    assert seen['T'] == T
+    lp0, old, ref_lp, mask = seen['loss_args'][0]
+    for i, (p, c) in enumerate(zip(seen['P'], seen['C'])):
+        ids = p + c
+        with torch.no_grad(): logits = start(torch.tensor([ids])).logits[0]
+        want = torch.stack([torch.log_softmax(logits[t - 1] / T, -1)[ids[t]] for t in range(len(p), len(ids))])
+        at_one = torch.stack([torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(len(p), len(ids))])
+        got = old[i][mask[i].bool()]
+        for x in (got, ref_lp[i][mask[i].bool()], lp0[i][mask[i].bool()]):
+            torch.testing.assert_close(x, want, atol=1e-5, rtol=0)
+        assert not torch.allclose(got, at_one, atol=1e-3)
+    with pytest.raises(ValueError, match='temperature must be > 0'):
+        G.grpo_train(pol, ref, tok, make_examples('arith', 1, seed=0), steps=1, temperature=0.0)
