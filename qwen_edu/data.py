@@ -4,20 +4,20 @@
 
 # %% ../nbs/09_data.ipynb #471ff0ff
 from __future__ import annotations
-import hashlib, json, math, os, random, re, sys, tempfile, zlib
+import contextlib, hashlib, json, math, os, random, re, sys, tempfile, zlib
 from collections import Counter
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['MATH_GENERATORS', 'BUILTIN_SHARES', 'HEURISTICS', 'ByteTokenizer', 'shard_dtype', 'pack_documents', 'write_shards',
-           'read_meta', 'open_tokens', 'RandomBatches', 'code_documents', 'prose_documents', 'math_problem',
-           'math_documents', 'builtin_documents', 'hf_documents', 'text_stats', 'heuristic_reasons', 'heuristic_filter',
-           'NgramLM', 'quality_filter', 'perplexity_score', 'normalize_for_hash', 'exact_dedup', 'shingle_hashes',
-           'MinHasher', 'jaccard', 'near_dedup', 'DomainClassifier', 'domain_bytes', 'mix_domains', 'lcs_length',
-           'is_contaminated', 'decontaminate', 'parse_size', 'load_source', 'load_test_texts', 'build_corpus',
-           'load_tokenizer', 'data_cli']
+__all__ = ['SHARD_DTYPES', 'MATH_GENERATORS', 'BUILTIN_SHARES', 'HEURISTICS', 'ByteTokenizer', 'shard_dtype', 'pack_documents',
+           'write_shards', 'ShardError', 'read_meta', 'open_tokens', 'RandomBatches', 'code_documents',
+           'prose_documents', 'math_problem', 'math_documents', 'builtin_documents', 'hf_documents', 'text_stats',
+           'heuristic_reasons', 'heuristic_filter', 'NgramLM', 'quality_filter', 'perplexity_score',
+           'normalize_for_hash', 'exact_dedup', 'shingle_hashes', 'MinHasher', 'jaccard', 'near_dedup',
+           'DomainClassifier', 'domain_bytes', 'mix_domains', 'lcs_length', 'is_contaminated', 'decontaminate',
+           'parse_size', 'load_source', 'load_test_texts', 'build_corpus', 'load_tokenizer', 'data_cli']
 
 # %% ../nbs/09_data.ipynb #5b4b6ede
 class ByteTokenizer:
@@ -83,6 +83,48 @@ def _file_sha256(path, chunk=1 << 20):
         for b in iter(lambda: f.read(chunk), b''): h.update(b)
     return h.hexdigest()
 
+def _scan_shard(path, dtype, chunk=1 << 22):
+    "(sha256 hex digest, largest token id or -1) of a shard file, in one pass over its bytes."
+    h, mx, dt = hashlib.sha256(), -1, np.dtype(dtype).newbyteorder('<')
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(chunk), b''):     # chunk is a multiple of the itemsize
+            h.update(b)
+            if len(b) >= dt.itemsize: mx = max(mx, int(np.frombuffer(b, dt, count=len(b) // dt.itemsize).max()))
+    return h.hexdigest(), mx
+
+_STAMP = '.verified.json'
+
+def _stamp_paths(dir):
+    "Where the verification stamp of a shard directory may live: beside the shards, else in the user's cache."
+    d = Path(dir).resolve()
+    cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'qwen_edu'/'verified'
+    return [d/_STAMP, cache/f"{hashlib.sha256(str(d).encode()).hexdigest()[:20]}.json"]
+
+def _file_key(path):
+    st = os.stat(path)
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
+
+def _load_stamp(p):
+    try: s = json.loads(Path(p).read_text())
+    except (OSError, ValueError): return {}
+    return s if isinstance(s, dict) else {}
+
+def _verified(dir, split, path):
+    "The stamp entry of `split` if its file is unchanged since it was hashed (same size, mtime and inode), else None."
+    key = _file_key(path)
+    for p in _stamp_paths(dir):
+        e = _load_stamp(p).get(split)
+        if isinstance(e, dict) and all(e.get(k) == v for k, v in key.items()): return e
+    return None
+
+def _record_verified(dir, entries):
+    "Stamp {split or '#tokenizer': entry} as verified; best effort (a read-only place is skipped, the next one tried)."
+    for p in _stamp_paths(dir):
+        stamp = {**_load_stamp(p), **entries}
+        try: _atomic_write(p, lambda f: f.write(json.dumps(stamp, indent=1).encode())); return True
+        except OSError: continue
+    return False
+
 def write_shards(out_dir, splits, vocab_size, eos_id, tokenizer_path=None, dtype=None, extra=None):
     "Write `splits` ({'train': ids, 'val': ids}) as DIR/{split}.bin plus DIR/meta.json, atomically; return the meta."
     dt = shard_dtype(vocab_size, dtype)
@@ -99,7 +141,7 @@ def write_shards(out_dir, splits, vocab_size, eos_id, tokenizer_path=None, dtype
     try:                                                  # write everything first, then rename: no mixed states
         for name, a in arrays.items(): tmps[out/f'{name}.bin'] = _write_temp(out/f'{name}.bin', lambda f, a=a: f.write(a.tobytes()))
         meta = dict(dtype=dt.name, vocab_size=int(vocab_size), eos_id=None if eos_id is None else int(eos_id),
-                    n_tokens={k: int(v.size) for k, v in arrays.items()},
+                    n_tokens={k: int(v.size) for k, v in arrays.items()}, max_id={k: int(v.max()) for k, v in arrays.items()},
                     tokenizer=None if tokenizer_path is None else str(tokenizer_path),
                     sha256={k: _file_sha256(tmps[out/f'{k}.bin']) for k in arrays}, **(extra or {}))
         tmps[out/'meta.json'] = _write_temp(out/'meta.json', lambda f: f.write(json.dumps(meta, indent=1).encode()))
@@ -108,28 +150,114 @@ def write_shards(out_dir, splits, vocab_size, eos_id, tokenizer_path=None, dtype
             if os.path.exists(t): os.remove(t)
         raise
     for path, t in tmps.items(): os.replace(t, path)      # meta.json last
+    _record_verified(out, {k: dict(_file_key(out/f'{k}.bin'), dtype=dt.name, sha256=meta['sha256'][k],
+                                   max_id=meta['max_id'][k]) for k in arrays})   # we just hashed them: no re-read on open
     return meta
 
 # %% ../nbs/09_data.ipynb #329e3d75
+class ShardError(ValueError):
+    "A token shard directory that is damaged or inconsistent with its meta.json; rebuilding it is the fix."
+
+def _rebuild(dir):
+    return f"re-run the data stage to rebuild it (`qwen-edu data build {dir}`, or the data stage of `qwen-edu pipeline`)"
+
+SHARD_DTYPES = ('uint16', 'uint32')
+_META_KEYS = ('dtype', 'vocab_size', 'eos_id', 'n_tokens', 'sha256')
+
+def _is_int(x): return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+def _meta_problems(m):
+    "What is wrong with the fields of a parsed meta.json (empty list: nothing)."
+    bad, V, dt = [], m['vocab_size'], m['dtype']
+    if dt not in SHARD_DTYPES: bad.append(f"dtype {dt!r} is not one of {', '.join(SHARD_DTYPES)}")
+    if not _is_int(V) or V <= 0: bad.append(f"vocab_size {V!r} is not a positive int")
+    if not bad:
+        try: shard_dtype(V, dt)
+        except ValueError: bad.append(f"dtype {dt} cannot hold the ids of vocab_size {V}")
+    if m['eos_id'] is not None and not (_is_int(m['eos_id']) and _is_int(V) and 0 <= m['eos_id'] < V):
+        bad.append(f"eos_id {m['eos_id']!r} is not an id in [0, vocab_size {V})")
+    n, sha, mx = m['n_tokens'], m['sha256'], m.get('max_id', {})
+    if not isinstance(n, dict): return bad + [f"n_tokens is not a {{split: count}} object"]
+    bad += [f"n_tokens[{k!r}] = {v!r} is not a count" for k, v in n.items() if not _is_int(v) or v < 0]
+    if not isinstance(sha, dict) or set(sha) != set(n):
+        return bad + [f"sha256 does not list the splits of n_tokens {sorted(n)}"]
+    bad += [f"sha256[{k!r}] is not a sha256 hex digest" for k, v in sha.items()
+            if not (isinstance(v, str) and re.fullmatch(r'[0-9a-f]{64}', v))]
+    if not isinstance(mx, dict): return bad + ["max_id is not a {split: id} object"]
+    bad += [f"max_id[{k!r}] = {v} >= vocab_size {V}: the shards hold ids the model cannot embed"
+            for k, v in mx.items() if _is_int(v) and _is_int(V) and v >= V]
+    return bad
+
 def read_meta(dir):
-    "The meta.json of a shard directory."
+    "The meta.json of a shard directory, checked: `ShardError` (saying to rebuild) when it is damaged or inconsistent."
     p = Path(dir)/'meta.json'
     if not p.exists():
         raise FileNotFoundError(f"no token shards in {str(dir)!r} (missing meta.json); build them first with "
                                 f"`qwen-edu data build {dir}` or qwen_edu.data.build_corpus")
-    return json.loads(p.read_text())
+    try: meta = json.loads(p.read_bytes())
+    except ValueError as e: raise ShardError(f"{p} is not valid JSON ({e}): it is damaged; {_rebuild(dir)}") from None
+    if not isinstance(meta, dict): raise ShardError(f"{p} is not a JSON object; {_rebuild(dir)}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing: raise ShardError(f"{p} lacks {missing}: it was not written by qwen_edu.data.write_shards or was "
+                                 f"edited; {_rebuild(dir)}")
+    bad = _meta_problems(meta)
+    if bad: raise ShardError(f"{p} is inconsistent: {'; '.join(bad)}; {_rebuild(dir)}")
+    return meta
+
+def _check_tokenizer(dir, meta):
+    "Check that the tokenizer meta.json names (when it exists here) fits vocab_size and has its eos id; stamped."
+    t = meta.get('tokenizer')
+    if not t or not Path(t).exists(): return            # none recorded, or built elsewhere: nothing to compare
+    f = Path(t)/'tokenizer.json' if Path(t).is_dir() else Path(t)
+    if not f.exists(): return
+    key = dict(path=str(f.resolve()), **_file_key(f))
+    for p in _stamp_paths(dir):
+        e = _load_stamp(p).get('#tokenizer')
+        if isinstance(e, dict) and all(e.get(k) == v for k, v in key.items()): V, eos = e['vocab_size'], e['eos_id']; break
+    else:
+        from qwen_edu.tokenizer import load_tokenizer as _load
+        try: tok = _load(t)
+        except Exception as e: raise ShardError(f"the tokenizer {t} named in {Path(dir)/'meta.json'} cannot be read "
+                                                f"({type(e).__name__}: {e}); {_rebuild(dir)}") from None
+        V, eos = int(tok.vocab_size), tok.eos_id
+        _record_verified(dir, {'#tokenizer': dict(key, vocab_size=V, eos_id=eos)})
+    if V > meta['vocab_size']:
+        raise ShardError(f"the tokenizer {t} has {V} ids but meta.json says vocab_size is {meta['vocab_size']}: a model "
+                         f"sized from meta.json could not embed all its ids; {_rebuild(dir)}")
+    if meta['eos_id'] is not None and eos is not None and eos != meta['eos_id']:
+        raise ShardError(f"meta.json's eos_id {meta['eos_id']} is not the tokenizer's <|endoftext|> id {eos} "
+                         f"({t}): shards and tokenizer come from different runs; {_rebuild(dir)}")
 
 def open_tokens(dir, split):
-    "The token ids of `split` in the shard directory `dir` as a read-only 1-D np.memmap."
+    "The token ids of `split` in the shard directory `dir` as a read-only 1-D np.memmap, verified against meta.json."
     meta = read_meta(dir)
     p = Path(dir)/f'{split}.bin'
-    if not p.exists():
-        raise FileNotFoundError(f"no {split!r} shard in {str(dir)!r}; splits there: {sorted(meta.get('n_tokens', {}))}")
-    dt = np.dtype(meta['dtype']).newbyteorder('<')
-    n = p.stat().st_size // dt.itemsize
-    if n != meta['n_tokens'].get(split, n):
-        raise ValueError(f"{p} holds {n} tokens but meta.json says {meta['n_tokens'][split]}: the shard is "
-                         f"truncated or from another run; rebuild it")
+    if split not in meta['n_tokens']:
+        if p.exists(): raise ShardError(f"{p} is not listed in {Path(dir)/'meta.json'} (splits there: "
+                                        f"{sorted(meta['n_tokens'])}): it is from another run; {_rebuild(dir)}")
+        raise FileNotFoundError(f"no {split!r} shard in {str(dir)!r}; splits there: {sorted(meta['n_tokens'])}")
+    if not p.exists(): raise FileNotFoundError(f"{p} is missing but meta.json lists it; {_rebuild(dir)}")
+    dt, n = np.dtype(meta['dtype']).newbyteorder('<'), meta['n_tokens'][split]
+    if n == 0:
+        raise ShardError(f"{p} holds no tokens: training cannot {'validate' if split == 'val' else 'use'} an empty "
+                         f"split; add data or raise val_fraction, and {_rebuild(dir)}")
+    size = p.stat().st_size
+    if size != n * dt.itemsize:
+        raise ShardError(f"{p} is {size} bytes but meta.json says {n} {dt.name} tokens ({n * dt.itemsize} bytes): the "
+                         f"shard is truncated or from another run, or meta.json was edited; {_rebuild(dir)}")
+    e = _verified(dir, split, p)
+    if e is not None and e.get('sha256') == meta['sha256'][split] and e.get('dtype') == dt.name: mx = e['max_id']
+    else:                                                 # first open, or the file changed: hash it (and find its max id)
+        sha, mx = _scan_shard(p, dt)
+        if sha != meta['sha256'][split]:
+            raise ShardError(f"{p} does not match the sha256 in {Path(dir)/'meta.json'} ({sha[:12]}... vs "
+                             f"{meta['sha256'][split][:12]}...): the shard was modified or comes from another run; "
+                             f"{_rebuild(dir)}")
+        _record_verified(dir, {split: dict(_file_key(p), dtype=dt.name, sha256=sha, max_id=mx)})
+    if mx >= meta['vocab_size']:
+        raise ShardError(f"{p} holds token id {mx} but meta.json says vocab_size is {meta['vocab_size']}: the ids "
+                         f"must be < vocab_size; meta.json is wrong or the shards come from another tokenizer; {_rebuild(dir)}")
+    _check_tokenizer(dir, meta)
     return np.memmap(p, dtype=dt, mode='r', shape=(n,))
 
 # %% ../nbs/09_data.ipynb #6819051c
@@ -297,6 +425,7 @@ def builtin_documents(size=4_000_000, seed=0, shares=None, domains=None):
 
 # %% ../nbs/09_data.ipynb #4eae3207
 _LOCAL_KINDS = {'.txt': 'text', '.md': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
+_ENCODING_ERRORS = ('strict', 'replace', 'ignore', 'backslashreplace')
 
 def _looks_like_path(name):
     return str(name).startswith(('/', './', '../', '~')) or Path(str(name)).suffix.lower() in _LOCAL_KINDS
@@ -306,11 +435,55 @@ def _is_network_error(e):
     return bool(names & {'ConnectionError', 'TimeoutError', 'OfflineModeIsEnabled', 'LocalEntryNotFoundError',
                          'HTTPError', 'ConnectTimeout', 'ReadTimeout', 'MaxRetryError'})
 
+def _utf8_error_at(path, chunk=1 << 20):
+    "(byte offset, line number, bad bytes) of the first invalid UTF-8 in the file `path`, or None if it is valid."
+    import codecs
+    dec, off, lines = codecs.getincrementaldecoder('utf-8')(), 0, 1
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(chunk), b''):
+            pending = dec.getstate()[0]                      # bytes of a character split across chunks
+            try: dec.decode(b)
+            except UnicodeDecodeError as e:
+                buf = pending + b
+                return off - len(pending) + e.start, lines + buf[:e.start].count(b'\n'), buf[e.start:e.end]
+            lines += b.count(b'\n'); off += len(b)
+    rest = dec.getstate()[0]                                 # a character cut off by the end of the file
+    return (off - len(rest), lines, rest) if rest else None
+
+def _utf8_error(files, cause=None):
+    "A ValueError naming the first file in `files` that is not UTF-8, where, and the two ways out."
+    for f in files:
+        at = _utf8_error_at(f)
+        if at: return ValueError(f"{f} is not valid UTF-8: byte {at[0]} (line {at[1]}) is {at[2]!r}. Convert it (e.g. "
+                                 f"`iconv -f latin1 -t utf-8 {f}`) or read bad bytes as U+FFFD with encoding_errors='replace' "
+                                 f"(`--encoding-errors replace` on the command line)")
+    return ValueError(f"a file of {[str(f) for f in files[:5]]} is not valid UTF-8 ({cause}); convert it or pass "
+                      f"encoding_errors='replace'")
+
+def _utf8_copy(src, dst, errors, chunk=1 << 20):
+    "Copy the text file `src` to `dst` as UTF-8, decoding it with the policy `errors` (e.g. 'replace'); return `dst`."
+    with open(src, encoding='utf-8', errors=errors, newline='') as f, open(dst, 'w', encoding='utf-8', newline='') as g:
+        for t in iter(lambda: f.read(chunk), ''): g.write(t)
+    return dst
+
+def _read_text(path):
+    "The text of a local UTF-8 file; a clear error (file, byte offset, line) when it is not UTF-8."
+    try: return Path(path).read_text(encoding='utf-8')
+    except UnicodeDecodeError as e: raise _utf8_error([Path(path)], e) from None
+
+def _caused_by(e, cls):
+    while e is not None:
+        if isinstance(e, cls): return True
+        e = e.__cause__ or e.__context__
+    return False
+
 def hf_documents(name, split='train', text_field='text', config=None, streaming=True, max_docs=None,
-                 max_bytes=None, domain=None, sample_by='paragraph'):
+                 max_bytes=None, domain=None, sample_by='paragraph', encoding_errors='strict'):
     "Documents from a Hugging Face dataset name or a local text/json/jsonl/parquet file or folder."
     import datasets
-    p = Path(os.path.expanduser(str(name)))
+    if encoding_errors not in _ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {_ENCODING_ERRORS}, got {encoding_errors!r}")
+    p, files = Path(os.path.expanduser(str(name))), []
     if p.exists():
         files = [p] if p.is_file() else sorted(f for f in p.rglob('*') if f.suffix.lower() in _LOCAL_KINDS)
         kinds = {_LOCAL_KINDS.get(f.suffix.lower()) for f in files}
@@ -319,30 +492,42 @@ def hf_documents(name, split='train', text_field='text', config=None, streaming=
                              f"found {[f.name for f in files[:5]]}")
         kind = kinds.pop()
         kw = dict(sample_by=sample_by) if kind == 'text' else {}
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split='train', streaming=streaming, **kw)
+        if kind == 'text' and encoding_errors != 'strict': kw['encoding_errors'] = encoding_errors
+        def load():
+            fs = files
+            if kind == 'json' and encoding_errors != 'strict':   # datasets' JSON reader ignores encoding_errors for
+                tmp = Path(tmpdir.enter_context(tempfile.TemporaryDirectory()))   # UTF-8: read clean UTF-8 copies
+                fs = [_utf8_copy(f, tmp/f'{k}{f.suffix}', encoding_errors) for k, f in enumerate(files)]
+            return datasets.load_dataset(kind, data_files=[str(f) for f in fs], split='train', streaming=streaming, **kw)
         src = f'file:{p.name}'
     elif _looks_like_path(name):
         raise FileNotFoundError(f"data path {str(name)!r} does not exist; check the path (a .txt/.json/.jsonl/.parquet "
                                 f"file or a folder of them) or pass a Hugging Face dataset name")
     else:
-        try: ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
-        except Exception as e:
-            if not _is_network_error(e): raise
-            raise ConnectionError(
-                f"cannot fetch the dataset {name!r}: no network ({type(e).__name__}: {e}). Pass a local path instead "
-                f"(a .txt/.json/.jsonl/.parquet file or folder), or pre-download it on a machine with network "
-                f"(`datasets.load_dataset({name!r})` there, copy ~/.cache/huggingface over) and run with "
-                f"HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1") from e
+        load = lambda: datasets.load_dataset(name, config, split=split, streaming=streaming)
         src = f'hf:{name}' + (f':{config}' if config else '')
     docs, n = [], 0
-    for row in ds:
-        if text_field not in row:
-            raise ValueError(f"{name!r} has no field {text_field!r}; its fields are {sorted(row)}; pass text_field=")
-        t = row[text_field]
-        if not isinstance(t, str) or not t.strip(): continue
-        docs.append(dict(text=t, source=src, domain=domain))
-        n += len(t.encode())
-        if (max_docs is not None and len(docs) >= max_docs) or (max_bytes is not None and n >= max_bytes): break
+    with contextlib.ExitStack() as tmpdir:                   # holds the UTF-8 copies (if any) while rows stream
+        try:
+            try: ds = load()
+            except Exception as e:
+                if files or not _is_network_error(e): raise
+                raise ConnectionError(
+                    f"cannot fetch the dataset {name!r}: no network ({type(e).__name__}: {e}). Pass a local path instead "
+                    f"(a .txt/.json/.jsonl/.parquet file or folder), or pre-download it on a machine with network "
+                    f"(`datasets.load_dataset({name!r})` there, copy ~/.cache/huggingface over) and run with "
+                    f"HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1") from e
+            for row in ds:
+                if text_field not in row:
+                    raise ValueError(f"{name!r} has no field {text_field!r}; its fields are {sorted(row)}; pass text_field=")
+                t = row[text_field]
+                if not isinstance(t, str) or not t.strip(): continue
+                docs.append(dict(text=t, source=src, domain=domain))
+                n += len(t.encode())
+                if (max_docs is not None and len(docs) >= max_docs) or (max_bytes is not None and n >= max_bytes): break
+        except Exception as e:                               # datasets reports bad UTF-8 without the file or offset
+            if files and _caused_by(e, UnicodeDecodeError): raise _utf8_error(files, e) from None
+            raise
     return docs
 
 # %% ../nbs/09_data.ipynb #44e1f819
@@ -746,9 +931,9 @@ def load_test_texts(test_sets):
             p = Path(v)
             if not p.exists(): raise FileNotFoundError(f"test set {str(v)!r} does not exist; pass a .jsonl (field 'text') or .txt file")
             if p.suffix in ('.jsonl', '.json'):
-                rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+                rows = [json.loads(l) for l in _read_text(p).splitlines() if l.strip()]
                 v = [r['text'] if 'text' in r else '\n'.join(str(x) for x in r.values() if isinstance(x, str)) for r in rows]
-            else: v = [t for t in re.split(r'\n\s*\n', p.read_text()) if t.strip()]
+            else: v = [t for t in re.split(r'\n\s*\n', _read_text(p)) if t.strip()]
         out[name] = [str(t) for t in v]
     return out
 
@@ -897,10 +1082,15 @@ def data_cli(argv=None):
     b.add_argument('--test-set', action='append', help='.jsonl (field text) or .txt test set to decontaminate against')
     b.add_argument('--val-fraction', type=float, default=0.02); b.add_argument('--quality-drop', type=float, default=0.05)
     b.add_argument('--prefilter', default='ngram', choices=['ngram', 'bag', 'none']); b.add_argument('--seed', type=int, default=0)
+    b.add_argument('--encoding-errors', default='strict', choices=list(_ENCODING_ERRORS),
+                   help="what to do with bytes of local text/json sources that are not UTF-8: strict (stop and name the "
+                        "file and offset) or replace (read them as U+FFFD)")
     i = sub.add_parser('info', help='print meta.json and manifest summary of a shard directory'); i.add_argument('dir')
     a = p.parse_args(argv)
     if a.cmd == 'info':
         meta = read_meta(a.dir); print(json.dumps(meta, indent=1))
+        for split in meta['n_tokens']:                     # open_tokens checks sizes, sha256 (once) and max id
+            print(f"{split}.bin: {len(open_tokens(a.dir, split)):,} tokens, verified")
         m = Path(a.dir)/'manifest.json'
         if m.exists():
             man = json.loads(m.read_text())
@@ -909,7 +1099,8 @@ def data_cli(argv=None):
         return 0
     if a.tokenizer: tok, tpath = load_tokenizer(a.tokenizer)
     else: tok, tpath = a.vocab_size, None
-    sources = [s if s.startswith('builtin') or _looks_like_path(s) and not Path(s).exists() else dict(name=s, text_field=a.text_field)
+    sources = [s if s.startswith('builtin') or _looks_like_path(s) and not Path(s).exists() else dict(name=s, text_field=a.text_field,
+               **({} if a.encoding_errors == 'strict' else dict(encoding_errors=a.encoding_errors)))
                for s in (a.source or ['builtin'])]
     man = build_corpus(a.out, tok, sources=sources, size=a.size, mixture=_parse_mixture(a.mixture), test_sets=a.test_set,
                        val_fraction=a.val_fraction, quality_drop=a.quality_drop, prefilter=a.prefilter, seed=a.seed,

@@ -1,5 +1,6 @@
 "Tests of qwen_edu.data: shards round-trip, loader determinism, bad input, and the pipeline pieces."
-import json, os
+import hashlib, json, os
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -84,6 +85,129 @@ def test_open_tokens_errors(tmp_path):
         D.open_tokens(tmp_path, 'val')
     with open(tmp_path/'train.bin', 'ab') as f: f.write(b'\0\0')
     with pytest.raises(ValueError, match='truncated or from another run'):
+        D.open_tokens(tmp_path, 'train')
+
+
+def _shards(d, vocab=300, **kw):
+    rng = np.random.default_rng(0)
+    ids = {'train': rng.integers(0, vocab, 4000), 'val': rng.integers(0, vocab, 500)}
+    ids['train'][0] = vocab - 1
+    D.write_shards(d, ids, vocab_size=vocab, eos_id=0, **kw)
+    return ids
+
+
+def _edit_meta(d, **changes):
+    m = json.loads((d/'meta.json').read_text()); m.update(changes)
+    for k, v in changes.items():
+        if v is None: del m[k]
+    (d/'meta.json').write_text(json.dumps(m))
+
+
+def test_open_tokens_catches_size_and_dtype_edits(tmp_path):
+    _shards(tmp_path)
+    with open(tmp_path/'train.bin', 'ab') as f: f.write(b'\0')        # one extra byte: not a whole token
+    with pytest.raises(D.ShardError, match=r"train.bin is 8001 bytes.*4000 uint16 tokens.*qwen-edu data build"):
+        D.open_tokens(tmp_path, 'train')
+    _shards(tmp_path)
+    _edit_meta(tmp_path, dtype='uint32')                              # reinterprets the bytes: sizes disagree
+    with pytest.raises(D.ShardError, match='train.bin is 8000 bytes but meta.json says 4000 uint32'):
+        D.open_tokens(tmp_path, 'train')
+    _edit_meta(tmp_path, dtype='uint32', n_tokens={'train': 2000, 'val': 250})   # ...even with matching counts
+    with pytest.raises(D.ShardError, match='holds token id .* vocab_size is 300'):
+        D.open_tokens(tmp_path, 'train')
+    _edit_meta(tmp_path, dtype='float32')
+    with pytest.raises(D.ShardError, match="dtype 'float32' is not one of"):
+        D.open_tokens(tmp_path, 'train')
+    _shards(tmp_path)
+    (tmp_path/'test.bin').write_bytes(b'\0' * 10)                     # a stray split that meta.json does not list
+    with pytest.raises(D.ShardError, match="test.bin is not listed in"):
+        D.open_tokens(tmp_path, 'test')
+
+
+def test_open_tokens_verifies_sha256_once_and_again_after_a_change(tmp_path, monkeypatch):
+    ids = _shards(tmp_path)
+    calls, real = [], D._scan_shard
+    monkeypatch.setattr(D, '_scan_shard', lambda p, dt, **kw: calls.append(Path(p).name) or real(p, dt, **kw))
+    np.testing.assert_array_equal(D.open_tokens(tmp_path, 'train'), ids['train'])
+    assert calls == []                                                # write_shards already recorded its hashes
+    (tmp_path/'.verified.json').unlink()
+    for _ in range(3): D.open_tokens(tmp_path, 'train'); D.open_tokens(tmp_path, 'val')
+    assert calls == ['train.bin', 'val.bin']                          # hashed once per shard, then trusted
+    b = bytearray((tmp_path/'train.bin').read_bytes()); b[100] ^= 1   # same size, one bit flipped
+    (tmp_path/'train.bin').write_bytes(bytes(b))
+    with pytest.raises(D.ShardError, match=r"train.bin does not match the sha256 in .*meta.json.*qwen-edu data build"):
+        D.open_tokens(tmp_path, 'train')
+    assert calls[-1] == 'train.bin'
+    with pytest.raises(D.ShardError, match='sha256'):                 # and stays detected
+        D.open_tokens(tmp_path, 'train')
+    D.open_tokens(tmp_path, 'val')                                    # the untouched split still opens unhashed
+    assert calls.count('val.bin') == 1
+
+
+def test_open_tokens_without_a_writable_dir_still_verifies(tmp_path, monkeypatch):
+    ids = _shards(tmp_path)
+    (tmp_path/'.verified.json').unlink()
+    monkeypatch.setattr(D, '_stamp_paths', lambda d: [Path('/proc/no/such/dir/.verified.json')])
+    np.testing.assert_array_equal(D.open_tokens(tmp_path, 'val'), ids['val'])   # no stamp written: hashed every time
+
+
+def test_read_meta_errors(tmp_path):
+    _shards(tmp_path)
+    good = (tmp_path/'meta.json').read_text()
+    (tmp_path/'meta.json').write_text(good[:-20])
+    with pytest.raises(D.ShardError, match=r"meta.json is not valid JSON.*qwen-edu data build"):
+        D.read_meta(tmp_path)
+    (tmp_path/'meta.json').write_text('[1, 2]')
+    with pytest.raises(D.ShardError, match='not a JSON object'):
+        D.read_meta(tmp_path)
+    (tmp_path/'meta.json').write_text(good); _edit_meta(tmp_path, dtype=None, sha256=None)
+    with pytest.raises(D.ShardError, match=r"meta.json lacks \['dtype', 'sha256'\]"):
+        D.open_tokens(tmp_path, 'train')
+    (tmp_path/'meta.json').write_text(good); _edit_meta(tmp_path, vocab_size=70000)
+    with pytest.raises(D.ShardError, match='uint16 cannot hold'):
+        D.read_meta(tmp_path)
+    (tmp_path/'meta.json').write_text(good); _edit_meta(tmp_path, n_tokens={'train': -1, 'val': 500})
+    with pytest.raises(D.ShardError, match=r"n_tokens\['train'\]"):
+        D.read_meta(tmp_path)
+
+
+def test_vocab_size_too_small_for_the_ids(tmp_path):
+    _shards(tmp_path)
+    good = (tmp_path/'meta.json').read_text()
+    _edit_meta(tmp_path, vocab_size=200)                              # the recorded max id (299) no longer fits
+    with pytest.raises(D.ShardError, match=r"max_id\['train'\] = 299 >= vocab_size 200"):
+        D.read_meta(tmp_path)
+    _edit_meta(tmp_path, max_id=None)                                 # an old meta.json without max_id: the scan catches it
+    with pytest.raises(D.ShardError, match='holds token id 299 but meta.json says vocab_size is 200'):
+        D.open_tokens(tmp_path, 'train')
+    (tmp_path/'.verified.json').unlink()
+    with pytest.raises(D.ShardError, match='holds token id 299'):
+        D.open_tokens(tmp_path, 'train')
+    (tmp_path/'meta.json').write_text(good); _edit_meta(tmp_path, max_id=None)
+    assert len(D.open_tokens(tmp_path, 'train')) == 4000              # old meta.json files still open
+
+
+def test_empty_val_split(tmp_path):
+    _shards(tmp_path)
+    (tmp_path/'val.bin').write_bytes(b'')
+    m = json.loads((tmp_path/'meta.json').read_text())
+    _edit_meta(tmp_path, n_tokens={**m['n_tokens'], 'val': 0}, sha256={**m['sha256'], 'val': hashlib.sha256(b'').hexdigest()})
+    with pytest.raises(D.ShardError, match="val.bin holds no tokens: training cannot validate"):
+        D.open_tokens(tmp_path, 'val')
+
+
+def test_tokenizer_larger_than_meta_vocab(tmp_path):
+    from qwen_edu.tokenizer import BPETokenizer
+    tok = BPETokenizer.train('some text to learn from ' * 20, 300, special_tokens=['<|endoftext|>'])
+    tok.save_hf(tmp_path/'tok'); V = tok.vocab_size
+    D.write_shards(tmp_path, {'train': np.arange(V - 20), 'val': np.arange(20)}, vocab_size=V, eos_id=tok.eos_id,
+                   tokenizer_path=tmp_path/'tok')
+    assert len(D.open_tokens(tmp_path, 'train')) == V - 20
+    _edit_meta(tmp_path, vocab_size=V - 10, max_id=None, eos_id=0)            # ids still fit, the tokenizer's do not
+    with pytest.raises(D.ShardError, match=rf"tokenizer .*tok has {V} ids but meta.json says vocab_size is {V - 10}"):
+        D.open_tokens(tmp_path, 'train')
+    _edit_meta(tmp_path, vocab_size=V, eos_id=5)
+    with pytest.raises(D.ShardError, match=r"eos_id 5 is not the tokenizer's <\|endoftext\|> id"):
         D.open_tokens(tmp_path, 'train')
 
 
@@ -296,6 +420,24 @@ def test_local_sources(tmp_path):
     assert [d['text'] for d in D.hf_documents(tmp_path/'b.parquet')] == ['p1', 'p2']
     with pytest.raises(FileNotFoundError, match='does not exist'):
         D.hf_documents(str(tmp_path/'nope.jsonl'))
+
+
+def test_non_utf8_local_sources(tmp_path):
+    (tmp_path/'bad.txt').write_bytes(b'hello world\n\ncaf\xe9 au lait\n')
+    (tmp_path/'bad.jsonl').write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.txt is not valid UTF-8: byte 16 \(line 3\).*encoding_errors='replace'"):
+        D.hf_documents(tmp_path/'bad.txt')
+    with pytest.raises(ValueError, match=r"bad.jsonl is not valid UTF-8: byte 28 \(line 2\)"):
+        D.hf_documents(tmp_path/'bad.jsonl')
+    (tmp_path/'dir').mkdir(); (tmp_path/'dir'/'a.txt').write_text('fine\n'); (tmp_path/'dir'/'b.txt').write_bytes(b'x' * 5000 + b'\xff')
+    with pytest.raises(ValueError, match=r"b.txt is not valid UTF-8: byte 5000 \(line 1\)"):
+        D.hf_documents(tmp_path/'dir')
+    assert [d['text'] for d in D.hf_documents(tmp_path/'bad.txt', encoding_errors='replace')][1].startswith('caf\ufffd')
+    assert D.hf_documents(tmp_path/'bad.jsonl', encoding_errors='replace')[1]['text'] == 'caf\ufffd'
+    with pytest.raises(ValueError, match=r"bad.txt is not valid UTF-8: byte 16"):
+        D.load_test_texts(str(tmp_path/'bad.txt'))
+    with pytest.raises(ValueError, match='encoding_errors'):
+        D.hf_documents(tmp_path/'bad.txt', encoding_errors='loose')
 
 
 def test_unfetchable_dataset_says_what_to_do():
