@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_hf.ipynb #dd23c2e8
 from __future__ import annotations
-import dataclasses, json, re
+import dataclasses, json, re, shutil, tempfile
 from pathlib import Path
 import torch
 from safetensors import safe_open
@@ -13,9 +13,9 @@ from .config import QwenConfig
 from .model import QwenForCausalLM
 
 # %% auto #0
-__all__ = ['HF_ARCHITECTURES', 'IGNORED_HF_TENSORS', 'LAYOUT_CONVERTERS', 'config_from_hf', 'config_to_hf', 'state_dict_from_hf',
-           'state_dict_to_hf', 'check_tensors', 'resolve_checkpoint', 'safetensors_files', 'read_safetensors',
-           'load_weights', 'from_hf', 'to_hf']
+__all__ = ['HF_ARCHITECTURES', 'IGNORED_HF_TENSORS', 'LAYOUT_CONVERTERS', 'MODEL_FILE_PATTERNS', 'config_from_hf', 'config_to_hf',
+           'state_dict_from_hf', 'state_dict_to_hf', 'check_tensors', 'resolve_checkpoint', 'safetensors_files',
+           'read_safetensors', 'load_weights', 'from_hf', 'to_hf']
 
 # %% ../nbs/06_hf.ipynb #8c1b5612
 HF_ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM', 'qwen2_moe': 'Qwen2MoeForCausalLM'}  # model_type -> class name
@@ -122,17 +122,39 @@ def resolve_checkpoint(path_or_id) -> Path:
         raise FileNotFoundError(f"{s!r} is not a local folder and could not be fetched from the Hugging Face hub "
                                 f"({type(e).__name__}: {e}); download it while online or pass a local path") from e
 
+def _containing_root(folder: Path) -> Path:
+    "The folder that a checkpoint's files must resolve into: the folder, or the repo folder of a hub-cache snapshot."
+    real = folder.resolve()
+    if real.parent.name == 'snapshots' and (real.parent.parent / 'blobs').is_dir():
+        return real.parent.parent  # huggingface_hub: snapshots/<rev>/<file> are links to ../../blobs/<hash>
+    return real
+
+def _inside(folder: Path, name) -> Path:
+    "`folder / name`, refused unless it stays inside the folder: a relative name without '..', links resolved."
+    if not isinstance(name, str) or not name: raise ValueError(f"weight files must be given by file names, got {name!r}")
+    parts = re.split(r'[\\/]', name)
+    if name.startswith(('/', '\\')) or re.match(r'[A-Za-z]:', name) or '..' in parts or Path(name).is_absolute():
+        raise ValueError(f"the weight file {name!r} is outside the checkpoint folder {folder}; a checkpoint may only name "
+                         f"files inside its folder (relative names without '..')")
+    path = folder / name
+    if path.exists() and not path.resolve().is_relative_to(_containing_root(folder)):
+        raise ValueError(f"the weight file {name!r} is a link to {path.resolve()}, outside the checkpoint folder {folder}; "
+                         f"copy the file into the folder instead")
+    return path
+
 def safetensors_files(folder: Path) -> list[Path]:
-    "The safetensors files of a checkpoint folder (all shards when there is an index)."
+    "The safetensors files of a checkpoint folder (all shards when there is an index), all inside the folder."
     folder = Path(folder)
     idx = folder / 'model.safetensors.index.json'
     if idx.exists():
-        files = sorted(set(json.loads(idx.read_text())['weight_map'].values()))
-        for f in files:
-            if not (folder / f).exists(): raise FileNotFoundError(f"{idx.name} lists the shard {f}, missing from {folder}")
-        return [folder / f for f in files]
-    if (folder / 'model.safetensors').exists(): return [folder / 'model.safetensors']
-    files = sorted(folder.glob('*.safetensors'))
+        wmap = json.loads(idx.read_text()).get('weight_map')
+        if not isinstance(wmap, dict): raise ValueError(f"{idx} has no 'weight_map' (tensor name -> shard file)")
+        files = [_inside(folder, f) for f in dict.fromkeys(wmap.values())]  # every name checked before any is read
+        for f in sorted(set(files)):
+            if not f.exists(): raise FileNotFoundError(f"{idx.name} lists the shard {f.name}, missing from {folder}")
+        return sorted(set(files))
+    if (folder / 'model.safetensors').exists(): return [_inside(folder, 'model.safetensors')]
+    files = [_inside(folder, p.name) for p in sorted(folder.glob('*.safetensors'))]
     if files: return files
     pickles = sorted(p.name for p in folder.glob('*.bin')) + sorted(p.name for p in folder.glob('*.pt*'))
     if pickles:
@@ -219,28 +241,51 @@ def _shards(tensors: dict, max_bytes: int) -> list[dict]:
         cur[k] = t; size += n
     return shards + [cur] if cur else shards
 
-def to_hf(model: QwenForCausalLM, save_dir, dtype=None, max_shard_size='5GB', generation_config: dict | None = None) -> Path:
+MODEL_FILE_PATTERNS = ('*.safetensors', '*.bin', '*.safetensors.index.json', '*.bin.index.json', 'config.json',
+                       'generation_config.json')  # what a checkpoint folder's model is made of (tokenizer files are not)
+
+def _model_files(folder: Path) -> list[Path]:
+    "The files directly in `folder` that belong to a model checkpoint (weights, weight indices, configs)."
+    if not folder.is_dir(): return []
+    return sorted({p for pat in MODEL_FILE_PATTERNS for p in folder.glob(pat) if p.is_file() or p.is_symlink()})
+
+def to_hf(model: QwenForCausalLM, save_dir, dtype=None, max_shard_size='5GB', generation_config: dict | None = None,
+          overwrite: bool = False) -> Path:
     "Write `model` as an HF checkpoint folder that `AutoModelForCausalLM.from_pretrained` loads."
     cfg = model.config
     dtype = _as_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
-    out = Path(save_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(save_dir)
+    if out.exists() and not out.is_dir(): raise FileExistsError(f"{out} is a file; to_hf writes a checkpoint folder")
+    old = _model_files(out)
+    if old and not overwrite:
+        shard = re.compile(r'.+-\d{5}-of-\d{5}\.(safetensors|bin)')
+        n_shards = sum(bool(shard.fullmatch(p.name)) for p in old)
+        names = ', '.join([p.name for p in old if not shard.fullmatch(p.name)] + ([f'{n_shards} shards'] if n_shards else []))
+        raise FileExistsError(f"{out} already holds model files ({names}); new weights next to them would mix two "
+                              f"checkpoints. Pass overwrite=True to replace them (only model files are deleted: "
+                              f"{', '.join(MODEL_FILE_PATTERNS)}; tokenizer and other files stay) or choose another folder")
     sd = state_dict_to_hf(model.state_dict(), cfg)
     tensors = {k: v.detach().to('cpu', dtype if v.is_floating_point() else v.dtype).contiguous().clone()
                for k, v in sd.items()}
     shards = _shards(tensors, _parse_size(max_shard_size))
-    for old in list(out.glob('model*.safetensors')) + list(out.glob('model.safetensors.index.json')): old.unlink()
-    if len(shards) == 1: save_file(shards[0], str(out / 'model.safetensors'), metadata={'format': 'pt'})
-    else:
-        weight_map = {}
-        for i, s in enumerate(shards):
-            fn = f"model-{i+1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(s, str(out / fn), metadata={'format': 'pt'})
-            weight_map.update({k: fn for k in s})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / 'model.safetensors.index.json').write_text(
-            json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
-    (out / 'config.json').write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
     if generation_config is None and cfg.eos_token_id is not None:
         generation_config = {'bos_token_id': cfg.bos_token_id, 'eos_token_id': cfg.eos_token_id}
-    if generation_config: (out / 'generation_config.json').write_text(json.dumps(generation_config, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix='.to_hf-', dir=out))  # write here first: a failed write keeps the old checkpoint
+    try:
+        if len(shards) == 1: save_file(shards[0], str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
+        else:
+            weight_map = {}
+            for i, s in enumerate(shards):
+                fn = f"model-{i+1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(s, str(tmp / fn), metadata={'format': 'pt'})
+                weight_map.update({k: fn for k in s})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / 'model.safetensors.index.json').write_text(
+                json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
+        (tmp / 'config.json').write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+        if generation_config: (tmp / 'generation_config.json').write_text(json.dumps(generation_config, indent=2))
+        for p in old: p.unlink()  # the previous checkpoint's weights, indices and configs: nothing stale stays
+        for p in sorted(tmp.iterdir()): p.replace(out / p.name)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -170,3 +170,70 @@ def test_check_tensors_reports_everything():
     assert 'missing tensors: b' in str(e.value) and 'unexpected tensors: c' in str(e.value)
     assert 'a: expected (2, 4), found (2, 3)' in str(e.value)
     check_tensors({'a': (2, 3)}, {'a': torch.Size([2, 3])})
+
+
+def test_index_cannot_name_files_outside_the_folder(tmp_path):
+    hf = tiny_hf(tie=False)
+    ck = tmp_path / 'ck'; hf.save_pretrained(ck, max_shard_size='30kB')
+    idx = ck / 'model.safetensors.index.json'
+    d = json.loads(idx.read_text())
+    first = sorted(set(d['weight_map'].values()))[0]
+    (ck / first).rename(tmp_path / 'outside.safetensors')
+    def point(name):
+        idx.write_text(json.dumps({**d, 'weight_map': {k: name if v == first else v for k, v in d['weight_map'].items()}}))
+    for name in ['../outside.safetensors', str(tmp_path / 'outside.safetensors'), 'sub/../../outside.safetensors', '..\\outside.safetensors']:
+        point(name)
+        with pytest.raises(ValueError, match='outside the checkpoint folder'): from_hf(ck)
+    point(3)
+    with pytest.raises(ValueError, match='file names'): from_hf(ck)
+    idx.write_text(json.dumps({'metadata': {}}))
+    with pytest.raises(ValueError, match="no 'weight_map'"): from_hf(ck)
+    idx.write_text(json.dumps(d))
+    (ck / first).symlink_to(tmp_path / 'outside.safetensors')  # a link inside the folder to a file outside it
+    with pytest.raises(ValueError, match='outside the checkpoint folder'): from_hf(ck)
+    (ck / first).unlink(); (ck / first).symlink_to('../outside.safetensors')
+    with pytest.raises(ValueError, match='outside the checkpoint folder'): from_hf(ck)
+    idx.unlink()  # without an index: the *.safetensors files of the folder are checked the same way
+    with pytest.raises(ValueError, match='outside the checkpoint folder'): from_hf(ck)
+
+
+def test_hub_cache_layout_still_loads(tmp_path):
+    "In a Hugging Face hub cache a snapshot's files are links into the repo's blobs/ folder: that is not an escape."
+    hf = tiny_hf(tie=False)
+    src = tmp_path / 'src'; hf.save_pretrained(src, max_shard_size='30kB')
+    repo = tmp_path / 'models--Qwen--tiny'; (repo / 'blobs').mkdir(parents=True)
+    snap = repo / 'snapshots' / 'abc123'; snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        f.rename(repo / 'blobs' / f'blob{i}')
+        (snap / f.name).symlink_to(f'../../blobs/blob{i}')
+    torch.testing.assert_close(logits(from_hf(snap), X), logits(hf, X), atol=1e-5, rtol=0)
+
+
+def test_to_hf_never_leaves_stale_weights(tmp_path, monkeypatch):
+    big, small = from_hf(tiny_hf(tie=False, seed=1)), from_hf(tiny_hf())
+    to_hf(big, tmp_path, max_shard_size='30kB', generation_config={'eos_token_id': 5})  # shards + index
+    (tmp_path / 'pytorch_model.bin').write_bytes(b'an old pickle')
+    (tmp_path / 'pytorch_model.bin.index.json').write_text('{}')
+    mine = {'tokenizer.json': '{}', 'README.md': 'my notes', 'data.txt': 'keep'}
+    for k, v in mine.items(): (tmp_path / k).write_text(v)
+    (tmp_path / 'sub').mkdir(); (tmp_path / 'sub' / 'x.safetensors').write_text('not ours to touch')
+    listing = lambda: sorted(p.name for p in tmp_path.iterdir())
+    before = listing()
+    with pytest.raises(FileExistsError, match=r'already holds model files.*pytorch_model\.bin.*overwrite=True'):
+        to_hf(small, tmp_path)
+    assert listing() == before  # refused: nothing touched
+    import qwen_edu.hf as H
+    real = H.save_file
+    def disk_full(*a, **k): raise OSError('No space left on device')
+    monkeypatch.setattr(H, 'save_file', disk_full)
+    with pytest.raises(OSError, match='No space left'): to_hf(small, tmp_path, overwrite=True)
+    assert listing() == before  # a failed write keeps the old checkpoint (and leaves no temporary folder)
+    monkeypatch.setattr(H, 'save_file', real)
+    to_hf(small, tmp_path, overwrite=True)
+    assert listing() == sorted(['config.json', 'model.safetensors', 'sub', *mine])  # no stale shard, index, pickle, generation config
+    assert all((tmp_path / k).read_text() == v for k, v in mine.items())
+    assert (tmp_path / 'sub' / 'x.safetensors').exists()
+    torch.testing.assert_close(logits(from_hf(tmp_path), X), logits(small, X), atol=0, rtol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), X), logits(small, X), atol=1e-5, rtol=0)
+    (tmp_path / 'new').mkdir(); to_hf(small, tmp_path / 'new')  # an existing empty folder is fine
+    with pytest.raises(FileExistsError, match='is a file'): to_hf(small, tmp_path / 'README.md')
