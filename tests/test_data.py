@@ -438,6 +438,13 @@ def test_non_utf8_local_sources(tmp_path):
         D.load_test_texts(str(tmp_path/'bad.txt'))
     with pytest.raises(ValueError, match='encoding_errors'):
         D.hf_documents(tmp_path/'bad.txt', encoding_errors='loose')
+    docs = [d['text'] for d in D.prose_documents(40_000)[:8]]
+    (tmp_path/'l1.jsonl').write_bytes(b'\n'.join(json.dumps({'text': 'Caf\xe9 ' + t}, ensure_ascii=False).encode('latin-1', 'replace')
+                                               for t in docs))
+    with pytest.raises(ValueError, match=r'l1.jsonl is not valid UTF-8: byte 13 \(line 1\)'):
+        D.data_cli(['build', str(tmp_path/'s'), '--source', str(tmp_path/'l1.jsonl'), '--tokenizer', 'bytes'])
+    assert D.data_cli(['build', str(tmp_path/'s'), '--source', str(tmp_path/'l1.jsonl'), '--tokenizer', 'bytes',
+                       '--encoding-errors', 'replace']) == 0
 
 
 def test_unfetchable_dataset_says_what_to_do():
@@ -531,7 +538,8 @@ def test_data_cli(tmp_path, capsys):
     tok = BPETokenizer.from_hf(meta['tokenizer'])
     assert tok.vocab_size == 600 and tok.eos_id == meta['eos_id']
     assert D.data_cli(['info', str(tmp_path/'s')]) == 0
-    assert '"n_tokens"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"n_tokens"' in out and 'val.bin: ' in out and 'tokens, verified' in out   # info opens (verifies) each split
     assert D.parse_size('4M') == 4_000_000 and D.parse_size('500k') == 500_000
     with pytest.raises(ValueError, match="like 4000000"):
         D.parse_size('lots')
