@@ -43,25 +43,25 @@ def _special_id(tokenizer, name):
     return tokenizer.special_tokens[name]
 
 def tokenize_conversation(tokenizer, messages, add_generation_prompt=False):
-    "Token ids of the chat-formatted conversation and the 0/1 assistant mask (content + <|im_end|> of assistant turns)."
-    from qwen_edu.chat import apply_chat_template
+    """Token ids of the chat-formatted conversation (`qwen_edu.chat.encode_chat`: message text is plain text, so a
+    typed `<|im_start|>` cannot forge a turn) and the 0/1 assistant mask (content + <|im_end|> of assistant turns)."""
+    from qwen_edu.chat import encode_chat
     check_messages(messages)
-    _special_id(tokenizer, '<|im_start|>'); _special_id(tokenizer, '<|im_end|>')
-    text = apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
-    spans, pos = [], 0
-    for m in messages:
+    _special_id(tokenizer, '<|im_start|>'); im_end = _special_id(tokenizer, '<|im_end|>')
+    messages = list(messages)
+    ids = encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    mask = [0] * len(ids)
+    last = lambda seq: len(seq) - 1 - seq[::-1].index(im_end)  # index of the last <|im_end|>
+    for i, m in enumerate(messages):
         if m['role'] != 'assistant': continue
-        head = f"<|im_start|>assistant\n"
-        turn = head + m['content'] + "<|im_end|>"
-        at = text.find(turn, pos)
-        if at < 0: raise ValueError("could not find an assistant turn in the rendered template (tool calls are not supported here)")
-        spans.append((at + len(head), at + len(turn))); pos = at + len(turn)
-    ids, mask, cur = [], [], 0
-    enc = lambda s: tokenizer.encode(s, allowed_special='all') if s else []
-    for a, b in spans:
-        ctx, tgt = enc(text[cur:a]), enc(text[a:b])
-        ids += ctx + tgt; mask += [0] * len(ctx) + [1] * len(tgt); cur = b
-    rest = enc(text[cur:]); ids += rest; mask += [0] * len(rest)
+        if m.get('tool_calls'): raise ValueError("assistant turns with tool calls are not supported here")
+        empty = encode_chat(tokenizer, messages[:i] + [{'role': 'assistant', 'content': ''}])
+        head = empty[:last(empty)]  # everything up to and including '<|im_start|>assistant\n'
+        turn = encode_chat(tokenizer, messages[:i + 1])
+        end = last(turn)  # this turn's closing <|im_end|>
+        if turn[:len(head)] != head or ids[:end + 1] != turn[:end + 1]:
+            raise ValueError(f"assistant turn {i} does not tokenize apart from its header (content starting with whitespace?)")
+        mask[len(head):end + 1] = [1] * (end + 1 - len(head))
     return ids, mask
 
 def assistant_mask(tokenizer, messages):
@@ -155,9 +155,9 @@ def sft_train(model, tokenizer, examples, steps=200, batch_size=32, lr=3e-3, wei
 # %% ../nbs/12_sft.ipynb #07de9b20
 def prompt_ids(tokenizer, ex, system=SYSTEM_PROMPT):
     "Token ids of a task prompt ready for generation (ends with `<|im_start|>assistant\\n`)."
-    from qwen_edu.chat import apply_chat_template
+    from qwen_edu.chat import encode_chat
     msgs = ([{'role': 'system', 'content': system}] if system is not None else []) + [{'role': 'user', 'content': ex.prompt}]
-    return tokenizer.encode(apply_chat_template(msgs, add_generation_prompt=True), allowed_special='all')
+    return encode_chat(tokenizer, msgs, add_generation_prompt=True)
 
 def sample(model, prompts, max_new_tokens=24, temperature=1.0, stop_id=None, generator=None):
     "Sample a completion (list of ids, stop token included when reached) for each prompt (list of id lists)."
