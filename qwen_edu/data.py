@@ -97,7 +97,8 @@ _STAMP = '.verified.json'
 def _stamp_paths(dir):
     "Where the verification stamp of a shard directory may live: beside the shards, else in the user's cache."
     d = Path(dir).resolve()
-    cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'qwen_edu'/'verified'
+    try: cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'qwen_edu'/'verified'
+    except RuntimeError: return [d/_STAMP]               # no home directory: beside the shards only
     return [d/_STAMP, cache/f"{hashlib.sha256(str(d).encode()).hexdigest()[:20]}.json"]
 
 def _file_key(path):
