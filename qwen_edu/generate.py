@@ -260,11 +260,11 @@ def chat_cli(argv=None):
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     p.add_argument('--device', default='cpu', help="where the model runs: cpu, cuda, cuda:1, mps")
     a = p.parse_args(argv)
+    if a.max_new_tokens < 1: p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     from qwen_edu.hf import from_hf, resolve_checkpoint
     from qwen_edu.tokenizer import BPETokenizer
     from qwen_edu.chat import encode_chat
     path = resolve_checkpoint(a.model)
-    model, tok = from_hf(path, dtype=a.dtype, device=a.device), BPETokenizer.from_hf(a.tokenizer or path)
     gc = json.loads((path / 'generation_config.json').read_text()) if (path / 'generation_config.json').exists() else {}
     def pick(arg, key, default): return arg if arg is not None else gc.get(key, default)
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=pick(a.temperature, 'temperature', 0.7),
@@ -272,6 +272,9 @@ def chat_cli(argv=None):
                repetition_penalty=pick(a.repetition_penalty, 'repetition_penalty', 1.05),
                generator=torch.Generator(a.device).manual_seed(a.seed) if a.seed is not None else None)
     if gc.get('do_sample') is False and a.temperature is None: gen['temperature'] = 0.0
+    try: check_sampling(gen['temperature'], gen['top_k'], gen['top_p'], gen['repetition_penalty'])
+    except (TypeError, ValueError) as e: p.error(str(e))  # before loading anything, not in the middle of a chat
+    model, tok = from_hf(path, dtype=a.dtype, device=a.device), BPETokenizer.from_hf(a.tokenizer or path)
     system = [{'role': 'system', 'content': a.system}] if a.system else []
     encode_chat(tok, system + [{'role': 'user', 'content': ''}])  # a tokenizer without ChatML's tokens fails here, once
     ctx = model.config.max_position_embeddings

@@ -327,3 +327,13 @@ def test_chat_cli_keeps_going_past_the_context(tmp_path, monkeypatch, capsys):
     # --prompt mode: a prompt too long for the context is reported, not a traceback
     assert chat_cli(args + ['--prompt', 'hello ' * 200]) == 2
     assert 'too long for the context' in capsys.readouterr().err
+
+
+def test_chat_cli_bad_settings_refused_at_start(tmp_path, capsys):
+    model, tok = _chat_setup(tmp_path)
+    to_hf(model, tmp_path); tok.save_hf(tmp_path)
+    for flags, msg in [(['--top-p', 'nan'], r'top_p must be in \(0, 1\]'), (['--temperature', 'inf'], 'temperature must be >= 0'),
+                       (['--max-new-tokens', '0'], 'max-new-tokens must be >= 1')]:
+        with pytest.raises(SystemExit) as e: chat_cli(['--model', str(tmp_path), '--prompt', 'hello'] + flags)
+        assert e.value.code == 2
+        import re; assert re.search(msg, capsys.readouterr().err)
