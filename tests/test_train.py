@@ -81,14 +81,14 @@ def test_stop_and_resume_is_bit_exact(shards, tmp_path):
 
 def test_crash_during_checkpoint_keeps_latest(shards, tmp_path, monkeypatch):
     "A failure inside the 2nd checkpoint write leaves `latest` on the 1st, which resumes to the same losses."
-    calls = {'n': 0}; real_save = torch.save
+    calls = {'n': 0}; real_save = T.save_state
     def flaky_save(*a, **k):
         calls['n'] += 1
         if calls['n'] == 2: raise OSError('simulated crash mid-write')
         return real_save(*a, **k)
-    monkeypatch.setattr(T.torch, 'save', flaky_save)
+    monkeypatch.setattr(T, 'save_state', flaky_save)
     with pytest.raises(OSError, match='simulated crash'): train(cfg_for(shards, tmp_path / 'run'))
-    monkeypatch.setattr(T.torch, 'save', real_save)
+    monkeypatch.setattr(T, 'save_state', real_save)
     ckpt = tmp_path / 'run' / 'ckpt'
     assert latest_checkpoint(ckpt).name == 'step_000002' and verify_checkpoint(latest_checkpoint(ckpt))['step'] == 2
     assert (ckpt / 'ckpt_tmp').exists()  # the debris of the crash, ignored and cleaned by the next save
@@ -177,3 +177,193 @@ def test_gpu_mfu_bench_runs_in_smoke_mode(tmp_path):
     res = json.loads((tmp_path / 'r.json').read_text())
     assert res['tokens_per_s'] > 0 and res['smoke'] and math.isfinite(res['final_loss'])
     assert res['mfu'] == pytest.approx(res['tokens_per_s'] * res['flops_per_token'] / 1e11, rel=1e-3)  # tokens_per_s is rounded
+
+
+# ---- hardening (issue #11): checkpoints without pickle, resume guards, clear errors ----
+
+class _Payload:
+    "A pickle that would create `marker` when unpickled."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (open, (self.marker, 'w'))
+
+
+def _forge_complete(ckpt_dir):
+    "What an attacker does: recompute the checksums so the manifest matches the crafted files."
+    import hashlib
+    files = [f for f in ('model.safetensors', 'state.pt', 'state.json', 'state.safetensors') if (ckpt_dir / f).exists()]
+    sums = {f: hashlib.sha256((ckpt_dir / f).read_bytes()).hexdigest() for f in files}
+    (ckpt_dir / 'complete.json').write_text(json.dumps(dict(step=2, sha256=sums)))
+
+
+def test_crafted_pickle_checkpoint_is_never_executed(shards, tmp_path):
+    "A state.pt with a __reduce__ payload (and re-forged checksums) is refused as an old/unsafe format, never unpickled."
+    train(cfg_for(shards, tmp_path / 'run', stop_at_step=2))
+    ck = latest_checkpoint(tmp_path / 'run' / 'ckpt')
+    assert sorted(p.name for p in ck.iterdir()) == ['complete.json', 'model.safetensors', 'state.json', 'state.safetensors']
+    marker = tmp_path / 'pwned'
+    for f in ('state.json', 'state.safetensors'): (ck / f).unlink(missing_ok=True)
+    torch.save({'step': 2, 'x': _Payload(marker)}, ck / 'state.pt')
+    _forge_complete(ck)
+    with pytest.raises(ValueError, match=r'old .*format.*state\.pt'): train(cfg_for(shards, tmp_path / 'run', resume=True))
+    with pytest.raises(ValueError, match='unsafe'): T.load_trained_model(tmp_path / 'run')
+    assert not marker.exists()
+
+
+def test_latest_names_a_sibling_checkpoint_only(shards, tmp_path):
+    "`latest` holding an absolute path, '..' or a separator is refused; an empty one falls back to the newest checkpoint."
+    train(cfg_for(shards, tmp_path / 'run', stop_at_step=4))
+    ckpt = tmp_path / 'run' / 'ckpt'
+    for bad in (str(tmp_path / 'elsewhere'), '../run/ckpt/step_000002', 'step_000002/../step_000004', 'x/y'):
+        (ckpt / 'latest').write_text(bad + '\n')
+        with pytest.raises(ValueError, match='latest'): latest_checkpoint(ckpt)
+    (ckpt / 'latest').write_text('')
+    with pytest.warns(UserWarning, match='step_000004'): assert latest_checkpoint(ckpt).name == 'step_000004'
+    with pytest.warns(UserWarning): r = train(cfg_for(shards, tmp_path / 'run', resume=True))
+    assert r.step == 6
+
+
+def test_state_round_trips_without_pickle(tmp_path):
+    "Optimizer (int keys, tuples), RNG states (tuples, numpy arrays, byte tensors) and non-finite floats come back exactly."
+    m = torch.nn.Linear(3, 2); opt = torch.optim.AdamW(m.parameters())
+    m(torch.ones(1, 3)).sum().backward(); opt.step()
+    st = dict(step=3, optimizer=opt.state_dict(), rng=T.rng_state(), x={'__odd': float('nan'), 1: (2, 'a')})
+    T.save_state(tmp_path, st)
+    back = T.load_state(tmp_path)
+    assert back['rng']['python'] == st['rng']['python'] and torch.equal(back['rng']['torch'], st['rng']['torch'])
+    assert all((a == b).all() if isinstance(a, np.ndarray) else a == b for a, b in zip(back['rng']['numpy'], st['rng']['numpy']))
+    assert back['optimizer']['param_groups'] == st['optimizer']['param_groups']
+    for k, s in st['optimizer']['state'].items():
+        assert all(torch.equal(s[n], back['optimizer']['state'][k][n]) for n in s)
+    assert back['x'][1] == (2, 'a') and math.isnan(back['x']['__odd'])
+    (tmp_path / 'state.json').write_text(json.dumps({'step': {'__tensor__': 'missing'}}))
+    with pytest.raises(ValueError, match='unreadable training state'): T.load_state(tmp_path)
+
+
+def test_finished_run_resumes_to_nothing_to_do(shards, tmp_path, capsys):
+    "Resuming a finished run (or with --stop-at-step below the checkpoint) changes no file and reports its figures."
+    full = train(cfg_for(shards, tmp_path / 'run'))
+    run = tmp_path / 'run'
+    before = {f: (run / f).read_bytes() for f in ('summary.json', 'metrics.jsonl', 'train_config.json')}
+    capsys.readouterr()
+    for kw in (dict(resume=True), dict(resume=True, stop_at_step=4)):
+        r = train(cfg_for(shards, run, **kw))
+        assert 'nothing to do' in capsys.readouterr().out
+        assert {f: (run / f).read_bytes() for f in before} == before
+        assert (r.step, r.val_loss, r.train_loss) == (6, full.val_loss, full.train_loss)
+    assert 'NaN' not in before['summary.json'].decode()
+
+
+def test_resume_refuses_config_changes_unless_allowed(shards, tmp_path):
+    "A changed seed/lr/max_steps is listed (field: old -> new); --allow-config-change max_steps extends a run."
+    run = tmp_path / 'run'
+    train(cfg_for(shards, run, stop_at_step=2))
+    before = (run / 'train_config.json').read_text()
+    with pytest.raises(ValueError, match=r'seed: 0 -> 1'): train(cfg_for(shards, run, resume=True, seed=1))
+    with pytest.raises(ValueError, match=r'max_steps: 6 -> 8.*lr: 0\.003 -> 0\.01.*--allow-config-change max_steps,lr'):
+        train(cfg_for(shards, run, resume=True, lr=0.01, max_steps=8))
+    assert (run / 'train_config.json').read_text() == before
+    r = train(cfg_for(shards, run, resume=True, max_steps=8, allow_config_change='max_steps'))
+    assert r.step == 8 and json.loads((run / 'train_config.json').read_text())['max_steps'] == 8
+    with pytest.raises(ValueError, match='--allow-config-change'): T.check_train_config(TrainConfig(allow_config_change='out'))
+
+
+def test_resume_with_another_model_is_a_clear_error(shards, tmp_path):
+    train(cfg_for(shards, tmp_path / 'run', stop_at_step=2))
+    with pytest.raises(ValueError, match=r'hidden_size: 32 -> 64'):
+        train(cfg_for(shards, tmp_path / 'run', resume=True, hidden_size=64))
+
+
+def test_nonfinite_and_out_of_range_config_is_refused():
+    for kw, field in [(dict(lr=float('inf')), 'lr'), (dict(weight_decay=float('nan')), 'weight_decay'),
+                      (dict(rope_theta=float('nan')), 'rope_theta'), (dict(grad_clip=float('nan')), 'grad_clip'),
+                      (dict(grad_clip=-1.0), 'grad_clip'), (dict(beta2=1.0), 'beta2'), (dict(seed=-1), 'seed'),
+                      (dict(seed=2**70), 'seed'), (dict(peak_flops=float('inf')), 'peak_flops'),
+                      (dict(min_lr_ratio=float('nan')), 'min_lr_ratio')]:
+        with pytest.raises(ValueError, match=field): T.check_train_config(TrainConfig(**kw))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    "A NaN loss at step 4 stops the run with an error naming the step; step_000002 stays latest, nothing NaN is written."
+    real, calls = T.lm_loss, {'n': 0}
+    def nan_from_step_4(out, y, aux_coef=0.0, reduction='mean'):
+        loss = real(out, y, aux_coef, reduction)
+        if reduction == 'mean':
+            calls['n'] += 1
+            if calls['n'] >= 4: loss = loss * float('nan')
+        return loss
+    monkeypatch.setattr(T, 'lm_loss', nan_from_step_4)
+    with pytest.raises(FloatingPointError, match=r'step 4\b.*step_000002'): train(cfg_for(shards, tmp_path / 'run'))
+    ckpt = tmp_path / 'run' / 'ckpt'
+    assert latest_checkpoint(ckpt).name == 'step_000002' and [p.name for p in list_checkpoints(ckpt)] == ['step_000002']
+    text = (tmp_path / 'run' / 'metrics.jsonl').read_text()
+    assert 'NaN' not in text and [m['step'] for m in read_metrics(tmp_path / 'run' / 'metrics.jsonl')] == [1, 2, 3]
+
+
+def test_run_cut_before_its_first_checkpoint_restarts(shards, tmp_path, monkeypatch, capsys):
+    "No checkpoint yet: --resume says to run without it, and running without it starts again (same losses as a clean run)."
+    def killed(*a, **k): raise KeyboardInterrupt
+    monkeypatch.setattr(T, 'save_checkpoint', killed)
+    with pytest.raises(KeyboardInterrupt): train(cfg_for(shards, tmp_path / 'run'))
+    monkeypatch.undo()
+    assert read_metrics(tmp_path / 'run' / 'metrics.jsonl')  # it had logged steps, but saved nothing
+    with pytest.raises(FileNotFoundError, match='without --resume'): train(cfg_for(shards, tmp_path / 'run', resume=True))
+    train(cfg_for(shards, tmp_path / 'run'))
+    assert 'starting it again' in capsys.readouterr().out
+    train(cfg_for(shards, tmp_path / 'ref'))
+    assert losses(tmp_path / 'run') == losses(tmp_path / 'ref')
+
+
+def test_torn_last_metrics_line_is_tolerated(shards, tmp_path):
+    "A partial last line (disk full) is skipped when reading and dropped on resume; a bad middle line is a clear error."
+    train(cfg_for(shards, tmp_path / 'cut', stop_at_step=4))
+    mp = tmp_path / 'cut' / 'metrics.jsonl'
+    with open(mp, 'a') as f: f.write('{"step": 5, "lo')
+    assert [m['step'] for m in read_metrics(mp)] == [1, 2, 3, 4]
+    train(cfg_for(shards, tmp_path / 'cut', resume=True))
+    train(cfg_for(shards, tmp_path / 'full'))
+    assert losses(tmp_path / 'cut') == losses(tmp_path / 'full')
+    bad = tmp_path / 'bad.jsonl'; bad.write_text('{"step": 1}\n{oops\n{"step": 2}\n')
+    with pytest.raises(ValueError, match='line 2'): read_metrics(bad)
+
+
+def test_malformed_complete_json_is_a_clear_error(shards, tmp_path):
+    train(cfg_for(shards, tmp_path / 'run', stop_at_step=4))
+    ck = latest_checkpoint(tmp_path / 'run' / 'ckpt')
+    f = ck / 'model.safetensors'; b = bytearray(f.read_bytes()); b[len(b) // 2] ^= 0xFF; f.write_bytes(bytes(b))
+    for doc in ({'step': 4}, {'step': 4, 'sha256': {}}, {'step': 4, 'sha256': {'../../x': '0'}}, []):
+        (ck / 'complete.json').write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=r'complete\.json.*--resume-from .*step_000002'): verify_checkpoint(ck)
+
+
+def test_short_runs_fit_the_default_warmup_and_rotation_sorts_by_step(tmp_path):
+    "--max-steps 8 works with the default warmup (min(30, max_steps // 10)); rotation keeps the highest step numbers."
+    T.check_train_config(TrainConfig(max_steps=8))
+    assert T.warmup_for(TrainConfig(max_steps=8)) == 0 and T.warmup_for(TrainConfig(max_steps=1000)) == 30
+    sd = {'w': torch.zeros(2)}
+    for s in (999_999, 1_000_000, 1_000_001): T.save_checkpoint(tmp_path, s, sd, {'step': s}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ['step_1000000', 'step_1000001']
+    assert latest_checkpoint(tmp_path).name == 'step_1000001'
+
+
+def test_load_shards_reads_meta_through_data(shards, monkeypatch):
+    "load_shards validates meta.json through qwen_edu.data.read_meta (one reader for the shard format)."
+    import qwen_edu.data as D
+    real = D.read_meta
+    monkeypatch.setattr(D, 'read_meta', lambda d: {**real(d), 'checked_by': 'read_meta'})
+    meta = T.load_shards(shards)[2]
+    assert meta['vocab_size'] == VOCAB and meta['checked_by'] == 'read_meta'
+
+
+def test_fsdp_stop_and_resume_is_exact(shards, tmp_path):
+    "Under FSDP2 (2 processes, gloo) the optimizer state goes through the pickle-free format and resumes exactly."
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    def run(out, **kw):
+        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                            '-m', 'qwen_edu.train', *cli_flags(cfg_for(shards, out, max_steps=4, fsdp=True, **kw))],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    run(tmp_path / 'full')  # checkpoints at steps 2 and 4
+    step2 = tmp_path / 'full' / 'ckpt' / 'step_000002'
+    assert (step2 / 'state.safetensors').exists() and not (step2 / 'state.pt').exists()
+    run(tmp_path / 'resumed', resume_from=str(step2))
+    assert losses(tmp_path / 'resumed') == losses(tmp_path / 'full')[2:] and len(losses(tmp_path / 'resumed')) == 2
