@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import regex
 from qwen_edu.tokenizer import (BPETokenizer, PATTERN, QWEN_SPECIAL_TOKENS, count_pretokens, split_pretokens,
-                                stdlib_corpus, train_bpe_fast, train_bpe_slow, _PRETOKEN_RE, split_ascii, PretokenTable)
+                                stdlib_corpus, train_bpe_fast, train_bpe_slow, _PRETOKEN_RE, split_ascii, PretokenTable,
+                                bpe_encode_words)
 
 tiktoken = pytest.importorskip('tiktoken')
 tokenizers = pytest.importorskip('tokenizers')
@@ -32,6 +33,23 @@ def qwen():
 def enc(qwen):
     return tiktoken.Encoding(name='qwen', pat_str=PATTERN, special_tokens=QWEN_SPECIAL_TOKENS,
                              mergeable_ranks={b: i for i, b in enumerate(qwen.token_bytes)})
+
+
+@pytest.fixture(scope='module')
+def raw():
+    "Qwen's vocabulary without normalisation: tiktoken's behaviour."
+    return BPETokenizer.from_tiktoken(normalization=None)
+
+
+@pytest.fixture(scope='module')
+def qwen_hf_dir(qwen, tmp_path_factory):
+    "The real vocabulary written by save_hf (merges recovered from the ranks)."
+    return qwen.save_hf(tmp_path_factory.mktemp('qwen_hf'))
+
+
+@pytest.fixture(scope='module')
+def qwen_hf(qwen_hf_dir):
+    return tokenizers.Tokenizer.from_file(str(qwen_hf_dir / 'tokenizer.json'))
 
 
 @pytest.fixture(scope='module')
@@ -123,21 +141,20 @@ def test_save_hf_roundtrip_tokenizers_and_transformers(trained, tmp_path):
     assert back.encode(probe) == trained.encode(probe) and back.special_tokens == trained.special_tokens
 
 
-def test_real_vocab_as_hf_files_matches_tiktoken(qwen, enc, corpus, tmp_path):
-    qwen.save_hf(tmp_path)  # merges recovered from the ranks
+def test_real_vocab_as_hf_files_matches_tiktoken(qwen, enc, corpus, qwen_hf_dir, qwen_hf, tmp_path):
     assert len(qwen.get_merges()) == 151643 - 256
-    hf = tokenizers.Tokenizer.from_file(str(tmp_path / 'tokenizer.json'))
+    hf = qwen_hf
     part = corpus[:600_000] + corpus[-200_000:]
     assert hf.encode(part).ids == enc.encode_ordinary(part)
     assert hf.encode('<|im_start|>x<|im_end|>').ids == [151644, 87, 151645]
     # from_hf: tokenizer.json, and the older vocab.json + merges.txt layout
-    tj = json.loads((tmp_path / 'tokenizer.json').read_text())
+    tj = json.loads((qwen_hf_dir / 'tokenizer.json').read_text())
     old = tmp_path / 'old'; old.mkdir()
     (old / 'vocab.json').write_text(json.dumps(tj['model']['vocab'], ensure_ascii=False))
     (old / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(tj['model']['merges']) + '\n')
     (old / 'tokenizer_config.json').write_text(json.dumps({'added_tokens_decoder': {
         str(i): {'content': s, 'special': True} for s, i in QWEN_SPECIAL_TOKENS.items()}}))
-    for path in [tmp_path, old]:
+    for path in [qwen_hf_dir, old]:
         t = BPETokenizer.from_hf(path)
         assert t.encode(part) == enc.encode_ordinary(part)
         assert t.encode('<|im_end|>', allowed_special='all') == [151645]
@@ -150,7 +167,6 @@ def test_bad_input_errors(qwen, trained, tmp_path):
     with pytest.raises(ValueError, match='unknown special'): qwen.encode('x', allowed_special={'<|bogus|>'})
     with pytest.raises(ValueError, match='ints in 0..151664'): qwen.decode([1, 151665])
     with pytest.raises(ValueError, match='cannot decode id -1'): qwen.decode([-1])
-    with pytest.raises(ValueError, match='cannot decode id'): qwen.decode([1.5])
     assert qwen.id_to_token(9707) == 'Hello' and qwen.id_to_token(151645) == '<|im_end|>'
     with pytest.raises(ValueError, match='no token with id 151665'): qwen.id_to_token(151665)
     with pytest.raises(ValueError, match='no token with id'): qwen.id_to_token('9707')
@@ -242,3 +258,177 @@ def test_pretoken_table_cold_warm_growth(qwen, enc):
     mixed = text[:5000] + ' \u00e9\n  \u00fc\n' + text[5000:10000] + '\u4f60\u597d\n\tx'
     assert qwen.encode(mixed) == enc.encode_ordinary(mixed)
     assert qwen.encode(mixed) == enc.encode_ordinary(mixed)  # warm
+
+
+# ---- normalisation: which tokenizer the ids equal, and what decode gives back ----
+HANGUL_JAMO = '\u1100\u1161\u11a8 \u1112\u1161\u11ab\u1100\u1173\u11af'  # conjoining jamo: NFC composes 각 한글
+COMPAT = 'ﬁnance ① ② ＡＢＣ１２３ ｶﾀｶﾅ ㎏ ½ ²  ẛ̣'  # compatibility characters: NFC keeps them, NFKC folds them
+SINGLETONS = '\u2126 \u212b \uf900 \u0344 \u1f71'  # ohm, angstrom, a CJK compatibility ideograph...: NFC changes them
+NFD_TEXTS = [unicodedata.normalize('NFD', s) for s in ['café naïve Ångström', 'Tiếng Việt có dấu', '한국어 텍스트',
+                                                        'Ελληνικά τόνος', MULTI]]
+NORM_PROBES = NFD_TEXTS + [HANGUL_JAMO, COMPAT, SINGLETONS, 'e\u0301' * 300, 'a\u0308\u0301\u0323x' * 50]
+
+
+def decomposable_code_points(form='NFD') -> str:
+    "Every code point that `form` changes, each decomposed, one per line."
+    cps = (chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    return '\n'.join(unicodedata.normalize(form, c) for c in cps if unicodedata.normalize(form, c) != c)
+
+
+def test_normalization_probes_change_under_nfc():
+    assert all(unicodedata.normalize('NFC', s) != s for s in NFD_TEXTS + [HANGUL_JAMO, SINGLETONS])
+    assert unicodedata.normalize('NFC', COMPAT) == COMPAT != unicodedata.normalize('NFKC', COMPAT)
+
+
+# tokenizers' NFC tables predate Unicode 13: it leaves U+11935 U+11930 (Dives Akuru) apart, Python (Unicode 14)
+# composes them to U+11938. The only NFC difference over all code points and their decompositions (test below).
+HF_NFC_GAP = '\U00011935\U00011930'
+
+
+def test_nfc_equals_tokenizers_normalizer_but_one_sequence():
+    from tokenizers import normalizers
+    nfc = normalizers.NFC()
+    cps = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    differ = {s for c in cps for s in {c, unicodedata.normalize('NFD', c), unicodedata.normalize('NFKD', c)}
+              if unicodedata.normalize('NFC', s) != nfc.normalize_str(s)}
+    assert differ <= {HF_NFC_GAP}
+
+
+def test_default_nfc_equals_hf_tokenizers_and_tiktoken_on_nfc(qwen, enc, qwen_hf):
+    "Default (NFC): ids equal Hugging Face tokenizers on any text, tiktoken on the NFC text; decode gives the NFC form."
+    assert qwen.normalization == 'NFC'
+    for s in NORM_PROBES + [decomposable_code_points('NFD'), decomposable_code_points('NFKD')]:
+        ids = qwen.encode(s)
+        assert qwen.encode(s.replace(HF_NFC_GAP, '')) == qwen_hf.encode(s.replace(HF_NFC_GAP, '')).ids, s[:40]
+        assert ids == enc.encode_ordinary(unicodedata.normalize('NFC', s)), s[:40]
+        assert qwen.decode(ids) == unicodedata.normalize('NFC', s) == qwen.normalize(s)
+    assert qwen.encode('cafe\u0301') != enc.encode_ordinary('cafe\u0301')  # why the distinction matters
+
+
+def test_transformers_qwen2_tokenizer_equals_default(qwen, qwen_hf_dir):
+    transformers = pytest.importorskip('transformers')
+    ht = transformers.Qwen2Tokenizer.from_pretrained(str(qwen_hf_dir))
+    for s in NORM_PROBES[:-2]:
+        assert ht(s, add_special_tokens=False)['input_ids'] == qwen.encode(s), s[:40]
+
+
+def test_no_normalization_equals_tiktoken_and_roundtrips(raw, enc, qwen):
+    "normalization=None: ids equal tiktoken on any text and decode(encode(x)) == x (x without lone surrogates)."
+    assert raw.normalization is None
+    everything = ''.join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)  # every code point, in order
+    for s in NORM_PROBES + [everything, decomposable_code_points('NFD')]:
+        ids = raw.encode(s)
+        assert ids == enc.encode_ordinary(s), s[:40]
+        assert raw.decode(ids) == s
+    with pytest.raises(ValueError, match="normalization must be one of"): BPETokenizer(qwen.token_bytes[:256], [], normalization='nfc')
+    with pytest.raises(ValueError, match="normalization must be one of"): setattr(raw, 'normalization', 'NFX')
+
+
+def test_normalization_is_saved_and_loaded(trained, tmp_path):
+    nfkc = BPETokenizer(trained.token_bytes, trained.merges, trained.special_tokens, normalization='NFKC')
+    for tok, name in [(trained, 'nfc'), (nfkc, 'nfkc'), (BPETokenizer(trained.token_bytes, trained.merges, normalization=None), 'none')]:
+        d = tok.save_hf(tmp_path / name)
+        hf = tokenizers.Tokenizer.from_file(str(d / 'tokenizer.json'))
+        back = BPETokenizer.from_hf(d)
+        assert back.normalization == tok.normalization
+        for s in NORM_PROBES:
+            assert hf.encode(s).ids == tok.encode(s) == back.encode(s), (name, s[:40])
+    assert nfkc.decode(nfkc.encode(COMPAT)) == unicodedata.normalize('NFKC', COMPAT)
+    assert BPETokenizer.from_hf(tmp_path / 'nfc', normalization=None).normalization is None
+    tj = json.loads((tmp_path / 'nfc' / 'tokenizer.json').read_text())
+    tj['normalizer'] = {'type': 'Lowercase'}
+    (tmp_path / 'lower.json').write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match=r"lower\.json.*normalizer.*Lowercase"): BPETokenizer.from_hf(tmp_path / 'lower.json')
+
+
+def test_train_uses_the_normalization():
+    text = unicodedata.normalize('NFD', 'café résumé naïve ' * 50)
+    assert not any('\u0301'.encode() in b for b in BPETokenizer.train(text, 300).token_bytes[256:])  # NFC: composed é
+    raw = BPETokenizer.train(text, 300, normalization=None)
+    assert raw.normalization is None and raw.decode(raw.encode(text)) == text
+
+
+# ---- decode: ids must be ints ----
+def test_decode_rejects_non_int_ids(qwen):
+    import numpy as np
+    for bad, what in [([1.0], 'float'), ([True], 'bool'), ([9707, False], 'bool'), (np.array([1.0, 2.0]), 'float'),
+                      ('abc', 'str'), ([None], 'NoneType'), (True, 'bool'), (1.0, 'float')]:
+        with pytest.raises(TypeError, match=f'ids must be ints.*got {what}'): qwen.decode(bad)
+        with pytest.raises(TypeError, match='ids must be ints'): qwen.decode_bytes(bad)
+    assert qwen.decode([np.int64(9707), np.int32(1879)]) == 'Hello world'
+    assert qwen.decode(np.array([9707, 1879], np.uint32)) == qwen.decode(9707) + ' world'
+    assert qwen.decode([]) == '' and qwen.id_to_token(np.int64(9707)) == 'Hello'
+    with pytest.raises(ValueError, match='no token with id True'): qwen.id_to_token(True)
+
+
+# ---- control tokens: the empty string, and Qwen's `special` flags ----
+def test_empty_special_token_refused(trained, tmp_path):
+    n = len(trained.token_bytes)
+    with pytest.raises(ValueError, match='empty'): BPETokenizer(trained.token_bytes, trained.merges, {'': n})
+    with pytest.raises(ValueError, match='empty'): BPETokenizer.train('abc abc', 300, special_tokens=[''])
+    d = trained.save_hf(tmp_path / 'tok')
+    tj = json.loads((d / 'tokenizer.json').read_text())
+    tj['added_tokens'].append(dict(tj['added_tokens'][0], id=trained.vocab_size, content=''))
+    (d / 'tokenizer.json').write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: added_tokens\[3\] \(id %d\) is the empty string" % trained.vocab_size): BPETokenizer.from_hf(d)
+
+
+QWEN_NOT_SPECIAL = ['<tool_call>', '</tool_call>', '<|fim_prefix|>', '<|fim_middle|>', '<|fim_suffix|>', '<|fim_pad|>',
+                    '<|repo_name|>', '<|file_sep|>']  # `special: false` in Qwen2.5's released tokenizer.json / tokenizer_config.json
+
+
+def test_save_hf_special_flags_match_qwen_release(qwen, qwen_hf_dir, tmp_path):
+    "Qwen2.5's files: ids 151643-151656 special, 151657-151664 (tool call, FIM, repo tokens) not special."
+    expected = {i: i < 151657 for i in range(151643, 151665)}
+    tj = json.loads((qwen_hf_dir / 'tokenizer.json').read_text())
+    assert {t['id']: t['special'] for t in tj['added_tokens']} == expected
+    assert [t['content'] for t in tj['added_tokens'] if not t['special']] == QWEN_NOT_SPECIAL
+    cfg = json.loads((qwen_hf_dir / 'tokenizer_config.json').read_text())
+    assert {int(k): v['special'] for k, v in cfg['added_tokens_decoder'].items()} == expected
+    assert sorted(qwen.not_special) == sorted(QWEN_NOT_SPECIAL)
+    back = BPETokenizer.from_hf(qwen_hf_dir)
+    assert back.not_special == qwen.not_special and back.special_tokens == qwen.special_tokens
+    assert back.encode('<tool_call>', allowed_special='all') == [151657]  # still a control token for encode
+    transformers = pytest.importorskip('transformers')
+    ft = transformers.PreTrainedTokenizerFast.from_pretrained(str(qwen_hf_dir))
+    ids = qwen.encode('<|im_start|>x<tool_call>y</tool_call><|im_end|>', allowed_special='all')
+    assert ft.decode(ids, skip_special_tokens=True) == 'x<tool_call>y</tool_call>'
+
+
+# ---- loading: clear errors for malformed tokenizer.json ----
+@pytest.mark.parametrize('content, match', [
+    ('[1, 2, 3]', 'a JSON object.*got a list'), ('{"version": "1.0"}', 'no "model"'),
+    ('{"model": {"type": "BPE", "merges": []}}', 'model.vocab'), ('{"model": {"type": "BPE", "vocab": {}}}', 'model.merges'),
+    ('{"model": []}', '"model" must be an object'), ('{not json', 'not valid JSON'),
+    ('{"model": {"vocab": {}, "merges": []}, "added_tokens": [{"id": 5}]}', 'added_tokens.*content')])
+def test_malformed_tokenizer_json(tmp_path, content, match):
+    p = tmp_path / 'tokenizer.json'; p.write_text(content)
+    with pytest.raises(ValueError, match=match) as e: BPETokenizer.from_hf(p)
+    assert str(p) in str(e.value)
+
+
+# ---- long pre-tokens: O(n log n) BPE, same ids ----
+def test_long_pieces_equal_tiktoken_and_the_simple_loop(qwen, enc, trained):
+    rnd = random.Random(3)
+    alphabets = ['a', 'ab', 'abcdefghijklmnopqrstuvwxyz', 'aaaaaaab', '你好世界的一是不了人我在有他这', 'éèêëàâäôöûüç',
+                 'абвгдеёжзийклмнопрстуфхцчшщъыьэюя', 'กขฃคฅฆงจฉชซฌญฎฏ']
+    pieces = [''.join(rnd.choice(a) for _ in range(rnd.choice([129, 300, 1000, 5000]))) for a in alphabets for _ in range(3)]
+    pieces += ['a' * n for n in [127, 128, 129, 130, 1000, 4097]]
+    for s in pieces:
+        assert len(split_pretokens(s)) == 1
+        assert qwen.encode(s) == enc.encode_ordinary(s), s[:20]
+        for tok in (qwen, trained):  # the heap (long pieces) against the simple loop (long_from = never)
+            b = s.encode()
+            assert bpe_encode_words([b], tok._table) == bpe_encode_words([b], tok._table, long_from=1 << 62)
+    # the limits of merges_from_ranks: only merges with priority below the limit
+    words = [p.encode() for p in pieces[:6]]
+    lim = [500, 5000, 50_000, 1 << 62, 0, 1]
+    assert bpe_encode_words(words, qwen._table, limits=lim) == bpe_encode_words(words, qwen._table, limits=lim, long_from=1 << 62)
+
+
+def test_200k_char_pieces_finish(qwen, enc):
+    "Quadratic BPE took minutes on these; the heap does them in about tiktoken's time (no time limit asserted here)."
+    rnd = random.Random(4)
+    cjk = ''.join(chr(rnd.randrange(0x4e00, 0x9fa5)) for _ in range(200_000))
+    for s in ['a' * 200_000, cjk, ''.join(rnd.choice('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ') for _ in range(200_000))]:
+        assert qwen.encode(s) == enc.encode_ordinary(s)
