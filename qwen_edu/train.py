@@ -315,7 +315,8 @@ def _encode(obj, tensors, path='state'):
     if isinstance(obj, float): return obj if math.isfinite(obj) else {'__float__': str(obj)}
     if isinstance(obj, (np.integer, np.floating, np.bool_)): return _encode(obj.item(), tensors, path)
     if isinstance(obj, torch.Tensor):
-        name = path if path not in tensors else f'{path}#{len(tensors)}'
+        name, n = path, 0
+        while name in tensors: n += 1; name = f'{path}#{n}'
         tensors[name] = obj.detach().cpu().contiguous()
         return {'__tensor__': name}
     if isinstance(obj, np.ndarray) and obj.dtype.kind in 'biuf':  # small arrays only (numpy's RNG state)

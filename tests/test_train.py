@@ -226,7 +226,8 @@ def test_state_round_trips_without_pickle(tmp_path):
     "Optimizer (int keys, tuples), RNG states (tuples, numpy arrays, byte tensors) and non-finite floats come back exactly."
     m = torch.nn.Linear(3, 2); opt = torch.optim.AdamW(m.parameters())
     m(torch.ones(1, 3)).sum().backward(); opt.step()
-    st = dict(step=3, optimizer=opt.state_dict(), rng=T.rng_state(), x={'__odd': float('nan'), 1: (2, 'a')})
+    st = dict(step=3, optimizer=opt.state_dict(), rng=T.rng_state(), x={'__odd': float('nan'), 1: (2, 'a')},
+              y={'a.b': {'c': torch.ones(2)}, 'a': {'b.c': torch.zeros(2)}})  # the same dotted path twice
     T.save_state(tmp_path, st)
     back = T.load_state(tmp_path)
     assert back['rng']['python'] == st['rng']['python'] and torch.equal(back['rng']['torch'], st['rng']['torch'])
@@ -235,6 +236,7 @@ def test_state_round_trips_without_pickle(tmp_path):
     for k, s in st['optimizer']['state'].items():
         assert all(torch.equal(s[n], back['optimizer']['state'][k][n]) for n in s)
     assert back['x'][1] == (2, 'a') and math.isnan(back['x']['__odd'])
+    assert torch.equal(back['y']['a.b']['c'], torch.ones(2)) and torch.equal(back['y']['a']['b.c'], torch.zeros(2))
     (tmp_path / 'state.json').write_text(json.dumps({'step': {'__tensor__': 'missing'}}))
     with pytest.raises(ValueError, match='unreadable training state'): T.load_state(tmp_path)
 
@@ -251,6 +253,9 @@ def test_finished_run_resumes_to_nothing_to_do(shards, tmp_path, capsys):
         assert {f: (run / f).read_bytes() for f in before} == before
         assert (r.step, r.val_loss, r.train_loss) == (6, full.val_loss, full.train_loss)
     assert 'NaN' not in before['summary.json'].decode()
+    with pytest.raises(ValueError, match=r'max_steps: 6 -> 4'): train(cfg_for(shards, run, resume=True, max_steps=4))
+    r = train(cfg_for(shards, run, resume=True, max_steps=4, allow_config_change='max_steps'))  # asked for: nothing to do
+    assert r.step == 6 and {f: (run / f).read_bytes() for f in before} == before
 
 
 def test_resume_refuses_config_changes_unless_allowed(shards, tmp_path):
