@@ -4,12 +4,13 @@
 
 # %% ../nbs/03_config.ipynb #66ac04b8
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, math, os
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['PRESETS', 'QWEN25_SIZES', 'QwenConfig', 'normalize_rope_scaling', 'count_params', 'flops_per_token', 'preset_table',
-           'params_cli']
+__all__ = ['PRESETS', 'QWEN25_SIZES', 'QwenConfig', 'normalize_rope_scaling', 'count_params', 'flops_per_token',
+           'activation_bytes_per_token', 'estimate_train_memory', 'fmt_bytes', 'measure_train_peak',
+           'NotEnoughMemoryError', 'available_memory', 'check_fits', 'preset_table', 'params_cli']
 
 # %% ../nbs/03_config.ipynb #19fdf6a7
 @dataclass
@@ -193,30 +194,164 @@ def flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     return 6 * n + attn
 
+# %% ../nbs/03_config.ipynb #8139cc08
+_DTYPE_BYTES = {'float32': 4, 'fp32': 4, 'bfloat16': 2, 'bf16': 2, 'float16': 2, 'fp16': 2}
+_OPTIMIZER_STATES = {'adamw': 2, 'adam': 2, 'sgd': 0}  # state tensors per parameter (AdamW: two moments)
+
+def _dtype_bytes(name, what):
+    if name is None: return None
+    key = str(name).removeprefix('torch.')
+    if key not in _DTYPE_BYTES: raise ValueError(f"{what} must be one of {sorted(_DTYPE_BYTES)}, got {name!r}")
+    return _DTYPE_BYTES[key]
+
+def activation_bytes_per_token(cfg: QwenConfig, autocast_dtype=None) -> int:
+    "Bytes autograd keeps per token and decoder layer for the backward pass (fp32, or 16-bit autocast)."
+    h, I, kvd, a = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_attention_heads
+    if cfg.num_experts: I = cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.shared_expert_intermediate_size
+    if autocast_dtype is None:  # one fp32 copy of everything: 8h + 4I + 2 kv + heads (+ 2 RMS factors)
+        return 4 * (8 * h + 4 * I + 2 * kvd + a + 2)
+    b16 = _dtype_bytes(autocast_dtype, 'autocast_dtype')  # norms stay fp32; each matmul keeps its own 16-bit input
+    return 4 * (4 * h + a + 2) + b16 * (7 * h + 2 * kvd + 4 * I)
+
+def estimate_train_memory(config: QwenConfig, batch_size: int, seq_len: int, param_dtype='float32',
+                          optimizer='adamw', autocast_dtype=None, grad_accum: int = 1, device='cpu') -> dict:
+    "Bytes one training step needs (weights, gradients, optimizer state, activations, logits, overheads) and `total`."
+    for k, v in (('batch_size', batch_size), ('seq_len', seq_len), ('grad_accum', grad_accum)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{k} must be a positive int, got {v!r}")
+    pb = _dtype_bytes(param_dtype, 'param_dtype')
+    if optimizer not in _OPTIMIZER_STATES: raise ValueError(f"optimizer must be one of {list(_OPTIMIZER_STATES)}, got {optimizer!r}")
+    n, tokens = count_params(config), batch_size * seq_len  # one micro-batch: grad_accum adds no memory
+    d = dict(weights=n * pb, grads=n * pb, optimizer=_OPTIMIZER_STATES[optimizer] * n * pb)
+    d['activations'] = (config.num_hidden_layers * activation_bytes_per_token(config, autocast_dtype)
+                        + 4 * 3 * config.hidden_size) * tokens  # + the final norm and the head's input
+    if autocast_dtype is not None:  # autocast keeps a 16-bit copy of every weight matrix it multiplies by
+        d['activations'] += _dtype_bytes(autocast_dtype, 'autocast_dtype') * (
+            count_params(config, non_embedding=True) + config.vocab_size * config.hidden_size)
+    out_b = _dtype_bytes(autocast_dtype, 'autocast_dtype') or pb
+    d['logits'] = tokens * config.vocab_size * (out_b + 3 * 4)  # logits, fp32 log-softmax, two fp32 gradients
+    d['allocator'] = round(0.25 * sum(d.values()))  # freed blocks the allocator keeps (measured ~20-25% on CPU)
+    d['runtime'] = int(0.3e9 if str(device).startswith('cpu') else 0.6e9)  # the PyTorch libraries / CUDA workspaces
+    d['total'] = sum(d.values())
+    return d
+
+def fmt_bytes(n: float) -> str:
+    "Bytes in decimal units, three significant digits: 1.3 TB, 291 GB, 512 MB."
+    for unit, s in (('TB', 1e12), ('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
+        if n >= s: return f"{n / s:.3g} {unit}"
+    return f"{int(n)} B"
+
+# %% ../nbs/03_config.ipynb #df8d023a
+_PEAK_SCRIPT = r'''
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from qwen_edu.config import QwenConfig
+from qwen_edu.model import QwenForCausalLM
+from qwen_edu.train import lm_loss
+a = json.loads(sys.argv[1])
+c = QwenConfig.from_preset(a['preset'], **a['overrides'])
+g = torch.Generator().manual_seed(0)
+x, y = (torch.randint(0, c.vocab_size, (a['batch_size'], a['seq_len']), generator=g) for _ in range(2))
+base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
+model = QwenForCausalLM(c); opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+for _ in range(a['steps']):
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=a['autocast']): out = model(x)
+    lm_loss(out, y).backward(); opt.step(); opt.zero_grad(set_to_none=True); del out
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+'''
+
+def measure_train_peak(preset: str, batch_size: int, seq_len: int, autocast_dtype=None, steps: int = 3, **overrides) -> int:
+    "Peak RSS increase (bytes) over `steps` forward+backward+AdamW steps, in a fresh single-threaded CPU process (Linux)."
+    import json, subprocess, sys
+    args = dict(preset=preset, batch_size=batch_size, seq_len=seq_len, steps=steps, overrides=overrides,
+                autocast=autocast_dtype is not None)
+    r = subprocess.run([sys.executable, '-c', _PEAK_SCRIPT, json.dumps(args)], capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if r.returncode: raise RuntimeError(f"the measuring process failed:\n{r.stderr[-2000:]}")
+    return int(r.stdout.split()[-1])
+
+# %% ../nbs/03_config.ipynb #b44449f8
+class NotEnoughMemoryError(MemoryError):
+    "A run refused before it starts: its estimated memory exceeds what the device has available."
+
+def _cgroup_available():
+    "Bytes the cgroup (container) limit still allows, or None when there is no limit."
+    for limit, usage in (('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
+                         ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes')):
+        try:
+            lim = open(limit).read().strip()
+            if lim == 'max' or int(lim) >= 1 << 60: return None
+            return max(int(lim) - int(open(usage).read()), 0)
+        except (OSError, ValueError): continue
+    return None
+
+def available_memory(device='cpu') -> int:
+    "Bytes a new allocation can use now: free GPU memory for CUDA; else MemAvailable (capped by a container limit)."
+    device = str(device)
+    if device.startswith('cuda'):
+        import torch
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    avail = None
+    try:
+        import psutil
+        avail = psutil.virtual_memory().available
+    except ImportError:
+        try:
+            with open('/proc/meminfo') as f:
+                avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+        except (OSError, StopIteration, ValueError):
+            avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    cg = _cgroup_available()
+    return avail if cg is None else min(avail, cg)
+
+_PARTS = (('weights', 'weights'), ('grads', 'gradients'), ('optimizer', 'optimizer state'),
+          ('activations', 'activations'), ('logits', 'logits'), ('allocator', 'allocator slack'), ('runtime', 'runtime'))
+
+def check_fits(config: QwenConfig, batch_size: int, seq_len: int, device='cpu', name: str = None,
+               what: str = 'training', available: int = None, **estimate_kw) -> dict:
+    "`estimate_train_memory`, raising `NotEnoughMemoryError` (with the numbers and what to change) when it cannot fit."
+    est = estimate_train_memory(config, batch_size, seq_len, device=device, **estimate_kw)
+    avail = available_memory(device) if available is None else available
+    if est['total'] <= avail: return est
+    parts = ', '.join(f"{label} {fmt_bytes(est[k])}" for k, label in _PARTS if est[k])
+    sizes = {p: estimate_train_memory(QwenConfig.from_preset(p, vocab_size=config.vocab_size), batch_size, seq_len,
+                                      device=device, **estimate_kw)['total'] for p in PRESETS}
+    fits = sorted((p for p in sizes if sizes[p] <= avail), key=sizes.get)  # at this vocabulary, smallest first
+    where = 'this machine has' if not str(device).startswith('cuda') else f'{device} has'
+    hint = f"choose a smaller --preset ({', '.join(fits)}) or lower" if fits else "no preset fits at this batch: lower"
+    raise NotEnoughMemoryError(
+        f"{what} {name or 'this model'} at batch {batch_size} x {seq_len} needs about {fmt_bytes(est['total'])} "
+        f"({parts}), {where} {fmt_bytes(avail)} available: {hint} --batch-size / --seq-len "
+        f"(activations and logits grow with both; gradient accumulation keeps the tokens per step)")
+
 # %% ../nbs/03_config.ipynb #51389297
 def _human(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
-def preset_table(names=None, seq_len: int = 4096) -> str:
-    "Markdown table of presets: shape, total and non-embedding parameters, training GFLOPs per token at `seq_len`."
+def preset_table(names=None, seq_len: int = 4096, batch_size: int = None, autocast_dtype=None) -> str:
+    "Markdown table of presets: shape, parameters, training GFLOPs per token at `seq_len` (and memory at `batch_size`)."
+    mem = f" train memory @ {batch_size} x {seq_len} ({autocast_dtype or 'fp32'}) |" if batch_size else ""
     rows = ["| preset | hidden | layers | heads q/kv | intermediate | vocab | tied | params | non-embedding | "
-            f"GFLOPs/token @ {seq_len} |", "|---|---|---|---|---|---|---|---|---|---|"]
+            f"GFLOPs/token @ {seq_len} |" + mem, "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mem else "")]
     for n in names or list(PRESETS):
         c = QwenConfig.from_preset(n)
         rows.append(f"| {n} | {c.hidden_size} | {c.num_hidden_layers} | {c.num_attention_heads}/{c.num_key_value_heads} | "
                     f"{c.intermediate_size} | {c.vocab_size} | {'yes' if c.tie_word_embeddings else 'no'} | "
                     f"{_human(c.num_params())} | {_human(c.num_params(non_embedding=True))} | "
-                    f"{c.flops_per_token(seq_len) / 1e9:.3g} |")
+                    f"{c.flops_per_token(seq_len) / 1e9:.3g} |" + (
+                    f" {fmt_bytes(estimate_train_memory(c, batch_size, seq_len, autocast_dtype=autocast_dtype)['total'])} |"
+                    if mem else ""))
     return "\n".join(rows)
 
 def params_cli(argv=None) -> int:
-    "`qwen-edu params [PRESET ...] [--seq-len N]`: print the preset table."
+    "`qwen-edu params [PRESET ...] [--seq-len N] [--batch-size B [--dtype bf16]]`: print the preset table."
     import argparse
     p = argparse.ArgumentParser(prog='qwen-edu params', description='Parameter and FLOP counts of the presets')
     p.add_argument('presets', nargs='*', help='preset names (default: all)')
-    p.add_argument('--seq-len', type=int, default=4096, help='context length for the FLOPs column')
+    p.add_argument('--seq-len', type=int, default=4096, help='context length for the FLOPs (and memory) column')
+    p.add_argument('--batch-size', type=int, default=None, help='add the estimated training memory at this batch size')
+    p.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32', help='fp32 training or bf16 autocast (memory column)')
     a = p.parse_args(argv)
-    try: print(preset_table(a.presets or None, a.seq_len))
+    try: print(preset_table(a.presets or None, a.seq_len, a.batch_size, None if a.dtype == 'fp32' else 'bf16'))
     except ValueError as e:
         print(f"error: {e}"); return 2
     return 0

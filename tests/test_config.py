@@ -129,3 +129,98 @@ def test_preset_table_and_cli(capsys):
     assert '| qwen2.5-72b | 8192 | 80 | 64/8 | 29568 | 152064 | no | 72.71B | 70.21B |' in t
     assert params_cli(['edu-tiny']) == 0 and 'edu-tiny' in capsys.readouterr().out
     assert params_cli(['nope']) == 2 and 'unknown preset' in capsys.readouterr().out
+
+
+# --- training memory (estimate_train_memory, check_fits) ---
+
+def test_estimate_train_memory_parts():
+    from qwen_edu.config import estimate_train_memory
+    c = QwenConfig.from_preset('qwen2.5-72b')
+    n = c.num_params()
+    e = estimate_train_memory(c, 8, 1024)
+    assert (e['weights'], e['grads'], e['optimizer']) == (4 * n, 4 * n, 8 * n)  # fp32 weights, grads, two AdamW moments
+    assert e['total'] == sum(v for k, v in e.items() if k != 'total') and 1.2e12 < e['total'] < 3e12
+    assert e['logits'] == 8 * 1024 * c.vocab_size * 16
+    bf = estimate_train_memory(c, 8, 1024, param_dtype='bf16', optimizer='sgd')
+    assert (bf['weights'], bf['optimizer']) == (2 * n, 0)
+    # micro-batch memory: accumulation adds none, autocast keeps 16-bit activations (plus 16-bit weight copies)
+    assert estimate_train_memory(c, 8, 1024, grad_accum=4) == e
+    tiny = QwenConfig.from_preset('edu-tiny')
+    a32 = estimate_train_memory(tiny, 64, 512)['activations']
+    assert estimate_train_memory(tiny, 64, 512, autocast_dtype='bf16')['activations'] < a32
+    assert estimate_train_memory(tiny, 16, 128)['total'] < 1e9
+
+
+@pytest.mark.parametrize('kw, msg', [(dict(batch_size=0), 'batch_size must be a positive int'),
+                                     (dict(seq_len=1.5), 'seq_len must be a positive int'),
+                                     (dict(param_dtype='int8'), 'param_dtype must be one of'),
+                                     (dict(optimizer='lion'), 'optimizer must be one of')])
+def test_estimate_train_memory_bad_input(kw, msg):
+    from qwen_edu.config import estimate_train_memory
+    with pytest.raises(ValueError, match=msg):
+        estimate_train_memory(QwenConfig.from_preset('edu-tiny'), **{'batch_size': 4, 'seq_len': 64, **kw})
+
+
+def _saved_bytes(cfg, B, T, autocast):
+    "Bytes of the tensors autograd saves in one forward (parameters excluded, storages counted once)."
+    m = QwenForCausalLM(cfg)
+    params, seen = {p.untyped_storage().data_ptr() for p in m.parameters()}, {}
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params: seen[s.data_ptr()] = s.nbytes()
+        return t
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast): m(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_activation_formula_counts_what_autograd_saves(autocast):
+    from qwen_edu.config import activation_bytes_per_token
+    B, T = 2, 32
+    one, two = (QwenConfig.from_preset('edu-tiny', num_hidden_layers=n, vocab_size=512) for n in (1, 2))
+    per_layer = _saved_bytes(two, B, T, autocast) - _saved_bytes(one, B, T, autocast)
+    expected = B * T * activation_bytes_per_token(two, 'bf16' if autocast else None)
+    if autocast:  # plus the bf16 copies of the layer's weight matrices
+        h, I, kvd = two.hidden_size, two.intermediate_size, two.num_key_value_heads * two.head_dim
+        expected += 2 * (2 * h * h + 2 * h * kvd + 3 * h * I)
+    assert per_layer == expected
+
+
+def test_check_fits_refuses_with_the_numbers_and_what_fits():
+    from qwen_edu.config import check_fits, NotEnoughMemoryError
+    c = QwenConfig.from_preset('qwen2.5-72b')
+    with pytest.raises(NotEnoughMemoryError) as e:
+        check_fits(c, 8, 1024, name='qwen2.5-72b', what='pre-training', available=100e9)
+    msg = str(e.value)
+    assert isinstance(e.value, MemoryError)
+    assert msg.startswith('pre-training qwen2.5-72b at batch 8 x 1024 needs about ') and ' TB (weights 291 GB, ' in msg
+    # the alternatives are judged at the same vocabulary (152,064 here: edu-tiny's logits alone are 20 GB)
+    assert 'this machine has 100 GB available: choose a smaller --preset (edu-tiny, ' in msg
+    assert 'edu-base' in msg and 'qwen2.5-0.5b' in msg and 'qwen2.5-1.5b' not in msg
+    est = check_fits(QwenConfig.from_preset('edu-tiny'), 16, 128, available=20e9)
+    assert est['total'] < 20e9
+    with pytest.raises(NotEnoughMemoryError, match='no preset fits'):
+        check_fits(QwenConfig.from_preset('edu-tiny'), 16, 128, available=1e6)
+
+
+def test_available_memory_is_positive():
+    from qwen_edu.config import available_memory
+    assert 0 < available_memory('cpu') < 1 << 50
+
+
+def test_estimate_is_close_to_the_measured_peak():
+    "Sanity (generous bounds): the estimate vs the peak RSS increase of a few real fp32 AdamW steps on the CPU."
+    from qwen_edu.config import estimate_train_memory, measure_train_peak
+    c = QwenConfig.from_preset('edu-tiny')
+    measured = measure_train_peak('edu-tiny', 8, 128)
+    est = estimate_train_memory(c, 8, 128)
+    assert 0.3 < (est['total'] - est['runtime']) / measured < 3
+
+
+def test_params_cli_memory_column(capsys):
+    from qwen_edu.config import params_cli
+    assert params_cli(['edu-tiny', 'qwen2.5-72b', '--batch-size', '8', '--seq-len', '1024']) == 0
+    out = capsys.readouterr().out
+    assert 'train memory @ 8 x 1024 (fp32)' in out and ' TB |' in out
