@@ -3,7 +3,7 @@ dir_fd path tricks, rewriting the audit hook's closure through `gc`, killing the
 outliving the timeout, reading host files, the network, sqlite3 files outside, leaked environment variables.
 
 On Linux these run under the real bubblewrap backend and FAIL (not skip) when it is missing: CI installs it."""
-import os, signal, socket, subprocess, sys, textwrap, threading, time, uuid
+import os, shutil, signal, socket, subprocess, sys, tempfile, textwrap, threading, time, uuid
 from pathlib import Path
 import pytest
 from qwen_edu import tasks
@@ -225,6 +225,32 @@ def test_resource_bombs_are_bounded():
     assert not r.ok and not r.timed_out and 'No space left on device' in r.stderr  # the tmpfs is 64 MB
     r = run_python("import sys\nwhile True: sys.stdout.write('x' * 4096)", max_output_bytes=10000)
     assert not r.ok and not r.timed_out and len(r.stdout) <= 10000
+
+
+SYSTEM_PY = '/usr/bin/python3'
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path(SYSTEM_PY).exists() or not Path('/usr/bin/setpriv').exists(),
+                    reason="as a non-root user every other test already runs this path; as root it needs setpriv "
+                           "and a system python the unprivileged user can read")
+def test_unprivileged_caller():
+    "The other code path: a non-root trainer, where bwrap makes the user namespace itself (--disable-userns)."
+    code = DISABLE_HOOK + textwrap.dedent("""
+        import os
+        for f in (lambda: open('/etc/passwd').read(), os.fork, lambda: os.stat('/root')):
+            try: f(); print('ESCAPED')
+            except OSError as e: print('refused', type(e).__name__)
+        print('unshare', ctypes.CDLL(None).unshare(0x10000000), 'uid', os.getuid())
+        """)
+    driver = ("from sandbox_tasks import run_python, sandbox_backend; "
+              f"r = run_python({code!r}); print(sandbox_backend(), r.ok, r.stdout, r.stderr)")
+    with tempfile.TemporaryDirectory() as d:  # a copy of the (stdlib-only) module where that user can read it
+        os.chmod(d, 0o755); shutil.copy(tasks.__file__, Path(d) / 'sandbox_tasks.py')
+        out = subprocess.run(['/usr/bin/setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', 'env', '-i',
+                              f'PYTHONPATH={d}', SYSTEM_PY, '-c', driver], capture_output=True, text=True,
+                             timeout=120, cwd=d)
+    assert out.stdout.startswith('bwrap True HOOK_DISABLED 1\n'), out
+    assert 'ESCAPED' not in out.stdout and out.stdout.count('refused') == 3 and 'unshare -1 uid 65534' in out.stdout
 
 
 def test_no_bubblewrap_means_refusal_or_explicit_opt_in(monkeypatch):
