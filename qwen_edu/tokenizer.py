@@ -17,8 +17,8 @@ from numba.typed import Dict as NumbaDict
 __all__ = ['BYTE_TO_UNICODE', 'UNICODE_TO_BYTE', 'PATTERN', 'NORMALIZATIONS', 'ASCII_CLASS', 'BYTE_IDS', 'ID_TO_BYTE',
            'LONG_PIECE', 'QWEN_SPECIAL_TOKENS', 'bytes_to_unicode', 'pretokenize', 'split_pretokens',
            'ascii_pretoken_end', 'split_ascii', 'count_pretokens', 'train_bpe_slow', 'train_bpe_fast', 'stdlib_corpus',
-           'bpe_encode_words', 'PretokenTable', 'BPETokenizer', 'StreamDecoder', 'qwen_tiktoken_path',
-           'load_tiktoken_ranks', 'merges_from_ranks', 'load_tokenizer', 'tokenizer_cli']
+           'bpe_encode_words', 'bpe_encode_text', 'PretokenTable', 'BPETokenizer', 'StreamDecoder',
+           'qwen_tiktoken_path', 'load_tiktoken_ranks', 'merges_from_ranks', 'load_tokenizer', 'tokenizer_cli']
 
 # %% ../nbs/01_tokenizer.ipynb #96cb6cff
 def bytes_to_unicode() -> dict[int, str]:
@@ -463,6 +463,16 @@ def bpe_encode_words(words: list[bytes], table, limits=None, long_from: int = LO
     out, off = out.tolist(), off.tolist()
     return [out[off[i]:off[i + 1]] for i in range(len(words))]
 
+def bpe_encode_text(text: str, words: list[str], table) -> list[int]:
+    "Ids of `text`, already split into pre-tokens `words` (`''.join(words) == text`), in one compiled call and no cache."
+    cp = np.frombuffer(text.encode('utf-32-le'), np.uint32)  # UTF-8 length of each character -> byte offset of each pre-token
+    nb = 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+    byte_at = np.zeros(len(cp) + 1, np.int64); np.cumsum(nb, out=byte_at[1:])
+    char_end = np.zeros(len(words) + 1, np.int64); np.cumsum(np.fromiter(map(len, words), np.int64, len(words)), out=char_end[1:])
+    ids = BYTE_IDS[np.frombuffer(text.encode('utf-8'), np.uint8)]
+    out, _ = _bpe_many(ids, byte_at[char_end], np.full(len(words), 1 << 62, np.int64), table, LONG_PIECE)
+    return out.tolist()
+
 # %% ../nbs/01_tokenizer.ipynb #d1038c35
 _FNV0, _FNV1 = -3750763034362895579, 1099511628211  # FNV-1a 64-bit offset basis (as signed int64) and prime
 
@@ -635,19 +645,22 @@ class BPETokenizer:
         if text.isascii(): return self._encode_ascii(text)
         out = []
         for s, e, is_ascii in _segments(text):
-            out += self._encode_ascii(text[s:e]) if is_ascii else self._encode_words(_PRETOKEN_RE.findall(text, s, e))
+            out += self._encode_ascii(text[s:e]) if is_ascii else self._encode_words(_PRETOKEN_RE.findall(text, s, e), text[s:e])
         return out
 
     def _encode_ascii(self, text: str) -> list[int]:
         if len(text) < 64: return self._encode_words(_ASCII_RE.findall(text))  # short: the numba call costs more than it saves
         return self._ascii.encode(text, self._table).tolist()
 
-    def _encode_words(self, words: list[str]) -> list[int]:
+    def _encode_words(self, words: list[str], text: str | None = None) -> list[int]:
         cache = self._cache
         try: return list(chain.from_iterable(map(cache.__getitem__, words)))  # all pre-tokens seen before
         except KeyError: pass
         if len(cache) > 1_000_000: cache.clear()
-        missing = list(set(words).difference(cache))  # run BPE once per new unique pre-token, in one numba call
+        missing = set(words).difference(cache)
+        if text is not None and len(words) > 4096 and 8 * len(missing) > len(words):  # a long stretch, many new pre-tokens
+            return bpe_encode_text(text, words, self._table)  # (random text): BPE all in order, skip the cache's bookkeeping
+        missing = list(missing)  # run BPE once per new unique pre-token, in one numba call
         cache.update(zip(missing, bpe_encode_words([w.encode('utf-8') for w in missing], self._table)))
         return list(chain.from_iterable(map(cache.__getitem__, words)))
 

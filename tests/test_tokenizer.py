@@ -275,6 +275,13 @@ def decomposable_code_points(form='NFD') -> str:
     return '\n'.join(unicodedata.normalize(form, c) for c in cps if unicodedata.normalize(form, c) != c)
 
 
+def assigned_shuffled(n=300_000, seed=0) -> str:
+    "`n` random characters assigned in Unicode 14 (Python 3.11's unicodedata), in random order."
+    assigned = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ('Cn', 'Cs')]
+    rnd = random.Random(seed)
+    return ''.join(rnd.choice(assigned) for _ in range(n))
+
+
 def test_normalization_probes_change_under_nfc():
     assert all(unicodedata.normalize('NFC', s) != s for s in NFD_TEXTS + [HANGUL_JAMO, SINGLETONS])
     assert unicodedata.normalize('NFC', COMPAT) == COMPAT != unicodedata.normalize('NFKC', COMPAT)
@@ -297,7 +304,7 @@ def test_nfc_equals_tokenizers_normalizer_but_one_sequence():
 def test_default_nfc_equals_hf_tokenizers_and_tiktoken_on_nfc(qwen, enc, qwen_hf):
     "Default (NFC): ids equal Hugging Face tokenizers on any text, tiktoken on the NFC text; decode gives the NFC form."
     assert qwen.normalization == 'NFC'
-    for s in NORM_PROBES + [decomposable_code_points('NFD'), decomposable_code_points('NFKD')]:
+    for s in NORM_PROBES + [decomposable_code_points('NFD'), decomposable_code_points('NFKD'), assigned_shuffled(seed=1)]:
         ids = qwen.encode(s)
         assert qwen.encode(s.replace(HF_NFC_GAP, '')) == qwen_hf.encode(s.replace(HF_NFC_GAP, '')).ids, s[:40]
         assert ids == enc.encode_ordinary(unicodedata.normalize('NFC', s)), s[:40]
@@ -315,8 +322,7 @@ def test_transformers_qwen2_tokenizer_equals_default(qwen, qwen_hf_dir):
 def test_no_normalization_equals_tiktoken_and_roundtrips(raw, enc, qwen):
     "normalization=None: ids equal tiktoken on any text and decode(encode(x)) == x (x without lone surrogates)."
     assert raw.normalization is None
-    everything = ''.join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)  # every code point, in order
-    for s in NORM_PROBES + [everything, decomposable_code_points('NFD')]:
+    for s in NORM_PROBES + [assigned_shuffled(), decomposable_code_points('NFD')]:
         ids = raw.encode(s)
         assert ids == enc.encode_ordinary(s), s[:40]
         assert raw.decode(ids) == s
@@ -432,3 +438,16 @@ def test_200k_char_pieces_finish(qwen, enc):
     cjk = ''.join(chr(rnd.randrange(0x4e00, 0x9fa5)) for _ in range(200_000))
     for s in ['a' * 200_000, cjk, ''.join(rnd.choice('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ') for _ in range(200_000))]:
         assert qwen.encode(s) == enc.encode_ordinary(s)
+
+
+def test_many_new_pretokens_take_the_uncached_path(enc):
+    "A long stretch of mostly new pre-tokens (random text without spaces) is BPE'd in order without the cache: same ids."
+    tok = BPETokenizer.from_tiktoken()
+    rnd = random.Random(6)
+    latin = [chr(c) for c in range(0x21, 0x100) if not chr(c).isspace() and chr(c).isprintable()]
+    s = ''.join(rnd.choice(latin) for _ in range(60_000)) + '\u4f60\u597d' * 3000 + 'é' * 200
+    assert len(split_pretokens(s)) > 4096
+    assert tok.encode(s) == enc.encode_ordinary(s) == tok.encode(s)
+    assert len(tok._cache) == 0  # the bookkeeping was skipped
+    short = 'naïve café ' * 10  # a short stretch still fills the cache
+    assert tok.encode(short) == enc.encode_ordinary(short) and len(tok._cache) > 0
