@@ -158,7 +158,7 @@ exec(_code, {'__name__': '__main__', '__builtins__': __builtins__})
 @dataclass
 class SandboxResult:
     "Outcome of `run_python`."
-    returncode: int | None  # exit status (negative: killed by that signal); None when it timed out
+    returncode: int | None  # exit status (killed by signal n: 128+n under bwrap, -n without); None: timed out
     stdout: str
     stderr: str
     timed_out: bool
