@@ -352,9 +352,11 @@ def sandbox_backend():
             try: _setup.update(_bwrap_setup())
             except Exception as e: _setup.update(why=f"setting up the sandbox failed: {e!r}")
             if 'why' not in _setup:  # probe: namespaces may be refused (containers, AppArmor, user.max_user_namespaces=0)
-                r = _run_bwrap("print(6 * 7)", 10.0, 256, 4096, 0)
-                if r.stdout != "42\n":
-                    _setup['why'] = f"bubblewrap cannot start a sandbox here: {(r.stderr.strip() or repr(r))[-300:]}"
+                try: r = _run_bwrap("print(6 * 7)", 10.0, 256, 4096, 0)
+                except OSError as e: _setup['why'] = f"bubblewrap cannot start a sandbox here: {e}"
+                else:
+                    if r.stdout != "42\n":
+                        _setup['why'] = f"bubblewrap cannot start a sandbox here: {(r.stderr.strip() or repr(r))[-300:]}"
     return 'none' if 'why' in _setup else 'bwrap'
 
 def _pid1(info_fd):
@@ -366,7 +368,7 @@ def _pid1(info_fd):
     except (ValueError, KeyError, OSError): return None
     try:  # the pid still names the sandbox's process (not a recycled pid): it is in the new pid namespace
         if os.stat(f"/proc/{d['child-pid']}/ns/pid").st_ino == d['pid-namespace']: return fd
-    except OSError: pass
+    except (OSError, KeyError): pass
     os.close(fd); return None
 
 def _run_bwrap(code, timeout, memory_mb, max_output_bytes, max_procs):
@@ -387,6 +389,8 @@ def _run_bwrap(code, timeout, memory_mb, max_output_bytes, max_procs):
             with open(out_p, 'wb') as out, open(err_p, 'wb') as err:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={},
                                         pass_fds=[fd for fd in (code_fd, ns_fd, bpf_fd, info_w) if fd is not None])
+        except BaseException:
+            os.close(info_r); raise
         finally:
             for fd in (code_fd, ns_fd, bpf_fd, info_w):
                 if fd is not None: os.close(fd)

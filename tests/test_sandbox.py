@@ -267,6 +267,16 @@ def test_no_bubblewrap_means_refusal_or_explicit_opt_in(monkeypatch):
     assert not r.ok and 'outside the sandbox' in r.stderr
 
 
+def test_a_bwrap_that_cannot_start_is_no_backend(monkeypatch):
+    "Namespaces refused (container runtime, AppArmor, sysctl): the probe notices, and run_python refuses loudly."
+    monkeypatch.setattr(tasks, '_setup', {})
+    monkeypatch.setattr(tasks, '_bwrap_setup', lambda: {'bwrap': '/bin/false', 'unshare': None, 'seccomp': None,
+                                                        'mounts': [], 'ld_path': ''})
+    monkeypatch.delenv(tasks.UNSAFE_ENV, raising=False)
+    assert sandbox_backend() == 'none' and 'bubblewrap cannot start a sandbox here' in tasks._setup['why']
+    with pytest.raises(tasks.SandboxUnavailableError, match='cannot start a sandbox'): run_python("print(1)")
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match='expects source code as a str'): run_python(b"print(1)")
     with pytest.raises(ValueError, match='timeout must be a positive number'): run_python("pass", timeout=0)
