@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['STAGES', 'POST_TRAINING_MODULES', 'PipelineConfig', 'register_stage', 'stage_tokenizer', 'stage_data',
-           'pretrain_config', 'stage_pretrain', 'stage_sample', 'load_post_training_stages', 'run_pipeline',
-           'format_report', 'prepare_builtin_data', 'pipeline_cli']
+           'pretrain_config', 'stage_pretrain', 'stage_sample', 'load_post_training_stages', 'validate_pipeline',
+           'finite', 'strict_json_text', 'run_pipeline', 'format_report', 'prepare_builtin_data', 'pipeline_cli']
 
 # %% ../nbs/16_pipeline.ipynb #1e247964
-import dataclasses, json, os, sys, time, typing
+import dataclasses, json, math, os, sys, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -35,6 +35,7 @@ class PipelineConfig:
     sample_tokens: int = 60
     progress: bool = True
     train_overrides: typing.Optional[dict] = None  # extra TrainConfig fields for pre-training (e.g. model sizes)
+    memory_check: bool = True         # refuse a run whose estimated training memory exceeds what is available
 
     @property
     def run_dir(self): return Path(self.out or f'runs/{self.preset}')
@@ -72,13 +73,16 @@ def stage_data(cfg: PipelineConfig, ctx):
                        tokenizer_path=ctx['tokenizer']['tokenizer'])
     return dict(data=str(cfg.run_dir / 'data'), n_tokens=man['shards']['n_tokens'], documents=man['documents']['train'])
 
+def _pretrain_fields(cfg: PipelineConfig, data, resume=False):
+    "The TrainConfig fields the pipeline sets itself (`train_overrides` may set the others)."
+    return dict(preset=cfg.preset, data=data, out=str(cfg.run_dir / 'pretrain'), max_steps=cfg.max_steps,
+                batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                eval_every=cfg.eval_every, eval_batches=cfg.eval_batches, ckpt_every=max(cfg.eval_every, 1),
+                seed=cfg.seed, progress=cfg.progress, resume=resume)
+
 def pretrain_config(cfg: PipelineConfig, ctx, resume=False):
     "The TrainConfig of the pre-training stage."
-    return TrainConfig(preset=cfg.preset, data=ctx['data']['data'], out=str(cfg.run_dir / 'pretrain'),
-                       max_steps=cfg.max_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
-                       warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, eval_batches=cfg.eval_batches,
-                       ckpt_every=max(cfg.eval_every, 1), seed=cfg.seed, progress=cfg.progress, resume=resume,
-                       **(cfg.train_overrides or {}))
+    return TrainConfig(**_pretrain_fields(cfg, ctx['data']['data'], resume), **(cfg.train_overrides or {}))
 
 def stage_pretrain(cfg: PipelineConfig, ctx):
     "Pre-train the preset on the shards (resuming from the last checkpoint if a previous attempt was cut)."
@@ -129,31 +133,110 @@ def load_post_training_stages():
         # a module imported before this one was cannot have registered at import: ask it again (idempotent)
         if hasattr(mod, 'register_pipeline_stages'): mod.register_pipeline_stages()
 
-# %% ../nbs/16_pipeline.ipynb #019b414e
-def run_pipeline(cfg: PipelineConfig):
-    "Run (or resume) the stages; return {stage: its figures}, also written to RUN/report.json."
-    load_post_training_stages()
+# %% ../nbs/16_pipeline.ipynb #582fa8fd
+# TrainConfig fields that the pipeline sets itself, and what to use instead of overriding them
+_SET_BY_PIPELINE = {'preset': '--preset', 'data': 'the data stage', 'out': '--out (the run directory)',
+                    'max_steps': '--max-steps', 'batch_size': '--batch-size', 'seq_len': '--seq-len', 'lr': '--lr',
+                    'warmup_steps': '--warmup-steps', 'eval_every': '--eval-every', 'eval_batches': '--eval-batches',
+                    'ckpt_every': '--eval-every (checkpoints follow it)', 'seed': '--seed', 'progress': '--progress',
+                    'resume': 'the pipeline (it resumes by itself)'}
+_MIN_CORPUS = 10_000  # bytes: below this the tokenizer and the validation split have too little text
+
+def _stage_names(cfg: PipelineConfig):
     names = list(STAGES) if not cfg.stages else [s.strip() for s in cfg.stages.split(',') if s.strip()]
     unknown = [n for n in names if n not in STAGES]
     if unknown: raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    return names
+
+def _check_run_dir(run: Path):
+    "The run directory must be a directory, or creatable as one, that we can write in."
+    if run.exists() and not run.is_dir(): raise ValueError(f"--out {run} is not a directory; choose another --out")
+    parent = run
+    while not parent.exists(): parent = parent.parent
+    if not parent.is_dir(): raise ValueError(f"--out {run}: {parent} is not a directory; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK): raise ValueError(f"--out {run}: cannot write in {parent}; choose another --out")
+
+def validate_pipeline(cfg: PipelineConfig) -> dict:
+    "Check every argument before any work; return the stages to run and the training-memory estimate (or None)."
+    from qwen_edu.config import QwenConfig, PRESETS, check_fits
+    from qwen_edu.tokenizer import QWEN_SPECIAL_TOKENS
+    from qwen_edu.train import check_train_config, build_model_config
+    load_post_training_stages()  # their stages count among the valid --stages
+    try: QwenConfig.from_preset(cfg.preset)
+    except ValueError: raise ValueError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}") from None
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not is_int(cfg.corpus_size) or cfg.corpus_size < _MIN_CORPUS:
+        raise ValueError(f"corpus_size must be an int >= {_MIN_CORPUS} (bytes of built-in text), got {cfg.corpus_size!r}")
+    vmin = 256 + len(QWEN_SPECIAL_TOKENS)
+    if not is_int(cfg.vocab_size) or cfg.vocab_size < vmin:
+        raise ValueError(f"vocab_size must be an int >= {vmin} (256 bytes + {len(QWEN_SPECIAL_TOKENS)} control tokens), "
+                         f"got {cfg.vocab_size!r}")
+    for k in ('max_steps', 'batch_size', 'seq_len', 'eval_every', 'eval_batches', 'sample_tokens'):
+        v = getattr(cfg, k)
+        if not is_int(v) or v < 1: raise ValueError(f"{k} must be a positive int, got {v!r}; fix --{k.replace('_', '-')}")
+    if not is_int(cfg.warmup_steps) or not 0 <= cfg.warmup_steps < cfg.max_steps:
+        raise ValueError(f"warmup_steps ({cfg.warmup_steps!r}) must be in [0, max_steps={cfg.max_steps}); "
+                         "lower --warmup-steps or raise --max-steps")
+    if not isinstance(cfg.lr, (int, float)) or isinstance(cfg.lr, bool) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}; fix --lr")
+    if not isinstance(cfg.sample_prompt, str) or not cfg.sample_prompt:
+        raise ValueError(f"sample_prompt must be a non-empty string, got {cfg.sample_prompt!r}")
+    names = _stage_names(cfg)
+    _check_run_dir(cfg.run_dir)
+    ov = cfg.train_overrides or {}
+    if not isinstance(ov, dict): raise ValueError(f"--train-overrides must be a JSON object of TrainConfig fields, got {ov!r}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(ov) - fields)
+    if unknown: raise ValueError(f"unknown --train-overrides field(s) {unknown}; choose from {sorted(fields - set(_SET_BY_PIPELINE))}")
+    for k in ov:
+        if k in _SET_BY_PIPELINE: raise ValueError(f"--train-overrides sets {k!r}, which the pipeline sets itself; use {_SET_BY_PIPELINE[k]}")
+    tc = check_train_config(TrainConfig(**_pretrain_fields(cfg, data='builtin'), **ov))
+    mc = build_model_config(tc, cfg.vocab_size)  # a ValueError for inconsistent model sizes
+    if tc.device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError("--train-overrides asks for device 'cuda' but no GPU is visible; use \"device\": \"cpu\" or \"auto\"")
+    memory = None
+    if cfg.memory_check and 'pretrain' in names and not (cfg.run_dir / 'pretrain' / 'done.json').exists():
+        cuda = tc.device == 'cuda' or (tc.device == 'auto' and torch.cuda.is_available())
+        bf16 = tc.dtype == 'bf16' or (tc.dtype == 'auto' and cuda)
+        try: memory = check_fits(mc, tc.batch_size, tc.seq_len, device='cuda' if cuda else 'cpu', name=cfg.preset,
+                                 what='pre-training', autocast_dtype='bf16' if bf16 else None, grad_accum=tc.grad_accum)
+        except MemoryError as e:
+            raise type(e)(f"{e}; --no-memory-check skips this check") from None
+    return dict(stages=names, memory=memory)
+
+# %% ../nbs/16_pipeline.ipynb #019b414e
+def finite(o):
+    "`o` with every NaN or infinite float (in nested dicts and lists) replaced by None."
+    if isinstance(o, float): return o if math.isfinite(o) else None
+    if isinstance(o, dict): return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [finite(v) for v in o]
+    return o
+
+def strict_json_text(o) -> str:
+    "Strict JSON (NaN and infinities become null) of `o`, indented."
+    return json.dumps(finite(o), indent=1, allow_nan=False)
+
+def run_pipeline(cfg: PipelineConfig):
+    "Run (or resume) the stages; return {stage: its figures}, also written to RUN/report.json."
+    names = validate_pipeline(cfg)['stages']  # everything checked before anything is written
     run = cfg.run_dir; run.mkdir(parents=True, exist_ok=True)
     ctx, ran = {}, False
     for name in STAGES:  # earlier finished stages feed later ones even when not re-run
         done = run / name / 'done.json'
         if ran and done.exists():  # built from the inputs a re-run stage just replaced: stale, so run it again
             os.replace(done, done.with_name('stale.json'))
-        if done.exists(): ctx[name] = json.loads(done.read_text()); ctx[name]['skipped'] = True
+        if done.exists(): ctx[name] = finite(json.loads(done.read_text())); ctx[name]['skipped'] = True
         if name not in names: continue
         if done.exists():
             print(f"[{name}] done already ({done}); skipping"); continue
         print(f"[{name}] running ...", flush=True)
         t0 = time.perf_counter()
-        res = dict(STAGES[name](cfg, ctx), seconds=round(time.perf_counter() - t0, 1))
+        res = finite(dict(STAGES[name](cfg, ctx), seconds=round(time.perf_counter() - t0, 1)))
         (run / name).mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(done, json.dumps(res, indent=1))
+        _atomic_write_text(done, strict_json_text(res))
         ctx[name], ran = res, True
         print(f"[{name}] done in {res['seconds']}s", flush=True)
-    _atomic_write_text(run / 'report.json', json.dumps(ctx, indent=1))
+    _atomic_write_text(run / 'report.json', strict_json_text(ctx))
     return ctx
 
 # %% ../nbs/16_pipeline.ipynb #2de6eb9b
@@ -194,6 +277,9 @@ def prepare_builtin_data(root='runs/builtin', **kw):
 def pipeline_cli(argv=None):
     "`qwen-edu pipeline --preset edu-tiny ...`: run every stage and print the report."
     cfg = PipelineConfig(**vars(train_parser(PipelineConfig, prog='qwen-edu pipeline').parse_args(argv)))
+    try: validate_pipeline(cfg)
+    except (ValueError, MemoryError) as e:  # bad arguments or too big: say so, before any work
+        print(f"qwen-edu pipeline: error: {e}", file=sys.stderr); return 2
     t0 = time.perf_counter()
     ctx = run_pipeline(cfg)
     print(format_report(ctx, cfg.run_dir))

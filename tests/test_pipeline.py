@@ -24,6 +24,7 @@ def test_pipeline_runs_every_stage_then_resumes_by_skipping(tmp_path, capsys):
     assert p['steps'] == 6 and p['val_loss'] > 0 and p['val_bpb'] > 0 and p['unigram_loss'] > 0
     assert Path(p['plot']).exists() and 'bits/byte' in out and 'sample' in out and str(p['plot']) in out
     assert (run / 'pretrain' / 'metrics.jsonl').exists()
+    for f in [run / 'report.json', *run.glob('*/done.json')]: strict_json(f)  # strict JSON everywhere
     # every stage finished: a second call skips them all; removing one stage's done.json reruns only that stage
     (run / 'sample' / 'done.json').unlink()
     before = (run / 'pretrain' / 'metrics.jsonl').read_text()
@@ -31,6 +32,10 @@ def test_pipeline_runs_every_stage_then_resumes_by_skipping(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count('skipping') == 3 and '[sample] running' in out
     assert (run / 'pretrain' / 'metrics.jsonl').read_text() == before
+    # pre-training finished: re-running it resumes a finished run, whose figures must still be strict JSON
+    (run / 'pretrain' / 'done.json').unlink()
+    assert pipeline_cli(['--out', str(run), *SMALL]) == 0
+    for f in [run / 'report.json', *run.glob('*/done.json')]: strict_json(f)
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):
@@ -81,3 +86,104 @@ def test_rerunning_a_stage_makes_the_later_ones_stale(tmp_path, monkeypatch):
     assert calls == ['a', 'b', 'a'] and 'b' not in ctx            # b was built from the old a: no longer reported
     assert (tmp_path / 'run' / 'b' / 'stale.json').exists()
     run_pipeline(cfg); assert calls == ['a', 'b', 'a', 'b']       # and it runs again when asked
+
+
+# --- arguments are checked before any stage runs (issue #11, item 18) ---
+
+def strict_json(path):
+    "Parse `path` as strict JSON: NaN, Infinity and -Infinity (which json.dumps writes by default) are errors."
+    def bad(c): raise ValueError(f"{path}: non-standard JSON constant {c}")
+    return json.loads(Path(path).read_text(), parse_constant=bad)
+
+
+def test_unknown_preset_is_refused_before_the_tokenizer(tmp_path, capsys):
+    run = tmp_path / 'run'
+    assert pipeline_cli(['--preset', 'qwen2.5-8b', '--out', str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --preset 'qwen2.5-8b'" in err and 'edu-tiny' in err and 'qwen2.5-72b' in err
+    assert not run.exists()
+    with pytest.raises(ValueError, match="unknown --preset 'nope'"):
+        run_pipeline(PipelineConfig(preset='nope', out=str(run)))
+    assert not run.exists()
+
+
+def test_72b_is_refused_before_any_file_is_written(tmp_path, capsys, monkeypatch):
+    import qwen_edu.config
+    from qwen_edu.config import NotEnoughMemoryError
+    run = tmp_path / 'run'
+    with pytest.raises(NotEnoughMemoryError, match='pre-training qwen2.5-72b at batch 16 x 128 needs about'):
+        run_pipeline(PipelineConfig(preset='qwen2.5-72b', out=str(run)))  # this machine's real memory
+    assert not run.exists()
+    monkeypatch.setattr(qwen_edu.config, 'available_memory', lambda device='cpu': 20e9)
+    assert pipeline_cli(['--preset', 'qwen2.5-72b', '--batch-size', '8', '--seq-len', '1024', '--out', str(run)]) == 2
+    err = capsys.readouterr().err
+    assert 'pre-training qwen2.5-72b at batch 8 x 1024 needs about 2.02 TB (weights 281 GB, ' in err
+    assert 'this machine has 20 GB available: choose a smaller --preset (edu-tiny, ' in err and 'edu-small' in err
+    assert '--no-memory-check' in err and not run.exists()
+
+
+def test_edu_tiny_passes_and_the_memory_check_can_be_skipped(tmp_path, monkeypatch):
+    import qwen_edu.config
+    from qwen_edu.pipeline import validate_pipeline
+    run = tmp_path / 'run'
+    v = validate_pipeline(PipelineConfig(preset='edu-tiny', out=str(run)))
+    assert v['stages'][:3] == ['tokenizer', 'data', 'pretrain'] and 0 < v['memory']['total'] < 2e9
+    assert not run.exists()  # validating writes nothing
+    monkeypatch.setattr(qwen_edu.config, 'available_memory', lambda device='cpu': 1e6)
+    with pytest.raises(MemoryError): validate_pipeline(PipelineConfig(preset='edu-tiny', out=str(run)))
+    assert validate_pipeline(PipelineConfig(preset='edu-tiny', out=str(run), memory_check=False))['memory'] is None
+    # nothing to train (pretrain not asked for): no memory check
+    assert validate_pipeline(PipelineConfig(preset='edu-tiny', out=str(run), stages='tokenizer,data'))['memory'] is None
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(corpus_size=0), 'corpus_size must be an int >= 10000'),
+    (dict(vocab_size=100), r'vocab_size must be an int >= 278'),
+    (dict(max_steps=0), 'max_steps must be a positive int'),
+    (dict(batch_size=-1), 'batch_size must be a positive int'),
+    (dict(seq_len=0), 'seq_len must be a positive int'),
+    (dict(sample_tokens=0), 'sample_tokens must be a positive int'),
+    (dict(eval_batches=1.5), 'eval_batches must be a positive int'),
+    (dict(warmup_steps=120), r'warmup_steps \(120\) must be in \[0, max_steps=120\)'),
+    (dict(lr=float('nan')), 'lr must be a finite number > 0'),
+    (dict(lr=0.0), 'lr must be a finite number > 0'),
+    (dict(sample_prompt=''), 'sample_prompt must be a non-empty string'),
+    (dict(stages='tokenizer,,pretrian'), r"unknown stage\(s\) \['pretrian'\]"),
+    (dict(train_overrides={'grad_acum': 2}), r"unknown --train-overrides field\(s\) \['grad_acum'\]"),
+    (dict(train_overrides={'max_steps': 5}), r"--train-overrides sets 'max_steps'.*use --max-steps"),
+    (dict(train_overrides={'hidden_size': 100}), 'divisible by num_attention_heads'),
+    (dict(train_overrides={'schedule': 'linear'}), 'schedule must be'),
+    (dict(train_overrides=[1, 2]), '--train-overrides must be a JSON object'),
+    pytest.param(dict(train_overrides={'device': 'cuda'}), "device 'cuda' but no GPU is visible",
+                 marks=pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='a GPU is visible')),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, kw, msg):
+    run = tmp_path / 'run'
+    with pytest.raises(ValueError, match=msg): run_pipeline(PipelineConfig(out=str(run), **kw))
+    assert not run.exists()
+
+
+def test_bad_run_directory_is_refused(tmp_path, capsys):
+    f = tmp_path / 'file'; f.write_text('x')
+    with pytest.raises(ValueError, match='is not a directory'): run_pipeline(PipelineConfig(out=str(f)))
+    with pytest.raises(ValueError, match='is not a directory'): run_pipeline(PipelineConfig(out=str(f / 'run')))
+    assert pipeline_cli(['--out', str(f), '--max-steps', '0']) == 2
+    assert 'error: max_steps must be a positive int' in capsys.readouterr().err and f.read_text() == 'x'
+
+
+# --- every JSON file the pipeline writes is strict JSON (issue #11, item 5) ---
+
+def test_done_and_report_json_are_strict_json_even_with_nan(tmp_path, monkeypatch):
+    import qwen_edu.pipeline as P
+    monkeypatch.setattr(P, 'load_post_training_stages', lambda: None)
+    monkeypatch.setattr(P, 'STAGES', {'a': lambda cfg, ctx: {'loss': float('nan'), 'hi': float('inf'),
+                                                             'nested': {'x': [1.0, float('-inf')]}, 'ok': 0.5}})
+    run = tmp_path / 'run'
+    ctx = run_pipeline(PipelineConfig(out=str(run), stages='a'))
+    done = strict_json(run / 'a' / 'done.json')
+    assert done['loss'] is None and done['hi'] is None and done['nested'] == {'x': [1.0, None]} and done['ok'] == 0.5
+    assert strict_json(run / 'report.json')['a']['loss'] is None and ctx['a']['loss'] is None
+    # a done.json written by an older version (with NaN) is read, and the report rewritten strictly
+    (run / 'a' / 'done.json').write_text('{"loss": NaN, "seconds": 1.0}')
+    run_pipeline(PipelineConfig(out=str(run), stages='a'))
+    assert strict_json(run / 'report.json')['a']['loss'] is None
