@@ -65,4 +65,5 @@ def main(argv=None):
         print(f"qwen-edu: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     mod, fn, _ = COMMANDS[cmd]
-    return getattr(importlib.import_module(mod), fn)(rest) or 0
+    from qwen_edu.train import run_cli  # a user error (bad value, missing file, no memory) is a message, not a traceback
+    return run_cli(getattr(importlib.import_module(mod), fn), rest, prog=f'qwen-edu {cmd}')

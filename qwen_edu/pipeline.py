@@ -4,15 +4,16 @@
 
 # %% auto #0
 __all__ = ['STAGES', 'POST_TRAINING_MODULES', 'PipelineConfig', 'register_stage', 'stage_tokenizer', 'stage_data',
-           'pretrain_config', 'stage_pretrain', 'stage_sample', 'load_post_training_stages', 'validate_pipeline',
-           'finite', 'strict_json_text', 'run_pipeline', 'format_report', 'prepare_builtin_data', 'pipeline_cli']
+           'pipeline_warmup', 'pretrain_config', 'stage_pretrain', 'stage_sample', 'load_post_training_stages',
+           'validate_pipeline', 'finite', 'strict_json_text', 'run_pipeline', 'format_report', 'prepare_builtin_data',
+           'pipeline_cli']
 
 # %% ../nbs/16_pipeline.ipynb #1e247964
 import dataclasses, json, math, os, sys, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
-from .train import TrainConfig, train, train_parser, load_trained_model, _atomic_write_text, _run_as_script
+from .train import TrainConfig, train, train_parser, load_trained_model, _atomic_write_text, _run_as_script, run_cli
 
 # %% ../nbs/16_pipeline.ipynb #63995781
 @dataclass
@@ -26,7 +27,7 @@ class PipelineConfig:
     batch_size: int = 16              # sequences per step
     seq_len: int = 128                # tokens per sequence
     lr: float = 3e-3                  # peak learning rate (warmup + cosine)
-    warmup_steps: int = 20
+    warmup_steps: typing.Optional[int] = None  # linear warmup steps (None: min(20, max_steps // 6))
     eval_every: int = 60
     eval_batches: int = 16
     seed: int = 0
@@ -73,10 +74,14 @@ def stage_data(cfg: PipelineConfig, ctx):
                        tokenizer_path=ctx['tokenizer']['tokenizer'])
     return dict(data=str(cfg.run_dir / 'data'), n_tokens=man['shards']['n_tokens'], documents=man['documents']['train'])
 
+def pipeline_warmup(cfg: PipelineConfig) -> int:
+    "Pre-training warmup steps: `cfg.warmup_steps`, or min(20, max_steps // 6) when not given (fits any short run)."
+    return min(20, cfg.max_steps // 6) if cfg.warmup_steps is None else cfg.warmup_steps
+
 def _pretrain_fields(cfg: PipelineConfig, data, resume=False):
     "The TrainConfig fields the pipeline sets itself (`train_overrides` may set the others)."
     return dict(preset=cfg.preset, data=data, out=str(cfg.run_dir / 'pretrain'), max_steps=cfg.max_steps,
-                batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, warmup_steps=pipeline_warmup(cfg),
                 eval_every=cfg.eval_every, eval_batches=cfg.eval_batches, ckpt_every=max(cfg.eval_every, 1),
                 seed=cfg.seed, progress=cfg.progress, resume=resume)
 
@@ -174,7 +179,7 @@ def validate_pipeline(cfg: PipelineConfig) -> dict:
     for k in ('max_steps', 'batch_size', 'seq_len', 'eval_every', 'eval_batches', 'sample_tokens'):
         v = getattr(cfg, k)
         if not is_int(v) or v < 1: raise ValueError(f"{k} must be a positive int, got {v!r}; fix --{k.replace('_', '-')}")
-    if not is_int(cfg.warmup_steps) or not 0 <= cfg.warmup_steps < cfg.max_steps:
+    if cfg.warmup_steps is not None and (not is_int(cfg.warmup_steps) or not 0 <= cfg.warmup_steps < cfg.max_steps):
         raise ValueError(f"warmup_steps ({cfg.warmup_steps!r}) must be in [0, max_steps={cfg.max_steps}); "
                          "lower --warmup-steps or raise --max-steps")
     if not isinstance(cfg.lr, (int, float)) or isinstance(cfg.lr, bool) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
@@ -287,4 +292,4 @@ def pipeline_cli(argv=None):
     return 0
 
 # %% ../nbs/16_pipeline.ipynb #faeed539
-if _run_as_script(__name__): sys.exit(pipeline_cli())
+if _run_as_script(__name__): sys.exit(run_cli(pipeline_cli, prog='qwen-edu pipeline'))

@@ -49,3 +49,19 @@ def test_info_shows_torch_and_memory(capsys):
     assert main(['info']) == 0
     out = capsys.readouterr().out
     assert f"torch {torch.__version__} (needs >= {torch_minimum()})" in out and 'memory available' in out
+
+
+def test_user_errors_are_messages_not_tracebacks(tmp_path):
+    "A bad flag value through `qwen-edu train` and `python -m qwen_edu.train` prints one error line (exit 1), no traceback."
+    import os, subprocess, sys
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env.pop('QWEN_EDU_DEBUG', None)
+    for cmd in ([sys.executable, '-c', 'import sys; from qwen_edu.cli import main; sys.exit(main())', 'train'], [sys.executable, '-m', 'qwen_edu.train']):
+        r = subprocess.run(cmd + ['--lr', 'inf', '--max-steps', '2', '--data', str(tmp_path / 'none')],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, (cmd, r.returncode, r.stderr)
+        assert 'error: lr must be a finite number' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+        assert not (tmp_path / 'runs').exists()  # refused before any work
+    r = subprocess.run([sys.executable, '-m', 'qwen_edu.train', '--lr', 'inf', '--data', str(tmp_path / 'none')],
+                       cwd=tmp_path, env={**env, 'QWEN_EDU_DEBUG': '1'}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' in r.stderr  # the traceback on request

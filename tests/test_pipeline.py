@@ -187,3 +187,15 @@ def test_done_and_report_json_are_strict_json_even_with_nan(tmp_path, monkeypatc
     (run / 'a' / 'done.json').write_text('{"loss": NaN, "seconds": 1.0}')
     run_pipeline(PipelineConfig(out=str(run), stages='a'))
     assert strict_json(run / 'report.json')['a']['loss'] is None
+
+
+def test_default_warmup_fits_short_runs(tmp_path):
+    "Without --warmup-steps a short run is accepted (min(20, max_steps // 6)); the main job keeps its 20 warmup steps."
+    from qwen_edu.pipeline import validate_pipeline, pipeline_warmup, _pretrain_fields
+    from qwen_edu.train import TrainConfig, check_train_config
+    for steps, want in ((8, 1), (3, 0), (120, 20), (1000, 20)):
+        cfg = PipelineConfig(out=str(tmp_path), max_steps=steps)
+        validate_pipeline(cfg)
+        assert pipeline_warmup(cfg) == want
+        check_train_config(TrainConfig(**_pretrain_fields(cfg, data=str(tmp_path))))
+    assert pipeline_warmup(PipelineConfig(max_steps=8, warmup_steps=2)) == 2
