@@ -50,18 +50,29 @@ class QwenConfig:
 
     def validate(self):
         "Raise a ValueError that says which field is inconsistent."
-        for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
-                     'num_key_value_heads', 'head_dim', 'max_position_embeddings'):
+        def positive_int(name):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                             f"({self.num_attention_heads}); pick a head count that divides it")
+        for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+                     'num_key_value_heads', 'max_position_embeddings'): positive_int(name)
+        # the fields a user sets come first: a derived head_dim of 0 or 1 is a symptom, hidden_size the cause
+        h, n = self.hidden_size, self.num_attention_heads
+        derived = self.head_dim == h // n  # head_dim as __post_init__ computes it (or set to that same value)
+        even_h = max(round(h / (2 * n)), 1) * 2 * n  # the nearest hidden_size with an even head_dim, for the message
+        if h % n:
+            raise ValueError(f"hidden_size {h} is not divisible by num_attention_heads {n}"
+                             + (f" (head_dim would be {h // n})" if derived else "")
+                             + f": choose hidden_size as a multiple of num_attention_heads (e.g. {even_h}) "
+                             "or a head count that divides it")
+        positive_int('head_dim')
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                              f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
-        if self.head_dim % 2: raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} (hidden_size {h} / num_attention_heads {n}) must be even for RoPE: "
+                             f"choose hidden_size as a multiple of 2 * num_attention_heads (e.g. {even_h})"
+                             if derived else f"head_dim {self.head_dim} must be even for RoPE")
         if self.rope_theta <= 1: raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.num_experts < 0 or (self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts):
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "

@@ -14,8 +14,8 @@ from .rope import rope_parameters, rope_cos_sin, apply_rope, dual_chunk_attentio
 
 # %% auto #0
 __all__ = ['RMSNorm', 'QwenMLP', 'KVCache', 'repeat_kv', 'eager_attention', 'sdpa_attention', 'QwenAttention', 'QwenDecoderLayer',
-           'build_attention_mask', 'default_position_ids', 'CausalLMOutput', 'RopeInputs', 'QwenModel', 'check_inputs',
-           'CrossEntropy', 'causal_lm_loss', 'QwenForCausalLM']
+           'build_attention_mask', 'default_position_ids', 'CausalLMOutput', 'RopeInputs', 'QwenModel', 'bad_labels',
+           'check_labels', 'check_inputs', 'CrossEntropy', 'causal_lm_loss', 'QwenForCausalLM']
 
 # %% ../nbs/05_model.ipynb #8f3a1064
 class RMSNorm(nn.Module):
@@ -251,6 +251,19 @@ class QwenModel(nn.Module):
         return self.norm(x), tuple(router_logits)
 
 # %% ../nbs/05_model.ipynb #c66f4ea3
+def bad_labels(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    "Mask of the labels that are neither a token id in [0, vocab_size) nor -100 (ignored)."
+    return ((labels < 0) & (labels != -100)) | (labels >= vocab_size)
+
+def check_labels(labels: torch.Tensor, vocab_size: int):
+    "Raise a ValueError naming the first label outside [0, vocab_size) and not -100 (reads the labels: a sync on CUDA)."
+    bad = bad_labels(labels, vocab_size)
+    if not bad.any(): return
+    where = [int(i) for i in bad.nonzero()[0]]
+    raise ValueError(f"labels must be token ids in [0, {vocab_size}) or -100 (ignored), got {int(labels[tuple(where)])} "
+                     f"at {where} ({int(bad.sum())} such label{'s' * (int(bad.sum()) > 1)}) with vocab_size {vocab_size}; mask positions with -100 "
+                     "(no other negative value), and check that the tokenizer matches the model's vocab_size")
+
 def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: int, device, document_ids=None):
     "Raise a clear TypeError/ValueError for inputs the model cannot use."
     if not isinstance(input_ids, torch.Tensor): raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -269,12 +282,16 @@ def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: 
     if past + T > config.max_position_embeddings:
         raise ValueError(f"sequence length {past + T} (cached {past} + new {T}) exceeds max_position_embeddings "
                          f"({config.max_position_embeddings}); truncate the input or use a config with a longer context")
-    lo, hi = torch.aminmax(input_ids)
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got min {int(lo)} max {int(hi)}; "
-                         "does the tokenizer match the model's vocab_size?")
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+    lo, hi = torch.aminmax(input_ids)
+    bad = (lo < 0) | (hi >= config.vocab_size)
+    if labels is not None: bad = bad | bad_labels(labels, config.vocab_size).any()
+    if bad:  # the one value read back per forward (a host sync on CUDA), for the ids and the labels together
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {config.vocab_size}), got min {int(lo)} max {int(hi)}; "
+                             "does the tokenizer match the model's vocab_size?")
+        check_labels(labels, config.vocab_size)
     if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
         raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}")
     if position_ids is not None and (position_ids.ndim != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B)):
@@ -306,8 +323,10 @@ class CrossEntropy(torch.autograd.Function):
         g.scatter_add_(1, tgt[:, None], torch.full_like(g[:, :1], -1.0))  # - one_hot
         return g.mul_((valid * (grad / n))[:, None]).to(logits.dtype), None
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    "Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100 (labels are shifted, logits not copied); 0 when none is counted."
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100 (labels are shifted, logits not copied); 0 when none is counted.
+    A label outside [0, vocab) other than -100 is a ValueError (`check=False`: the caller checked, as `QwenForCausalLM` does)."""
+    if check: check_labels(labels, logits.shape[-1])
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
     return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
 
@@ -347,7 +366,7 @@ class QwenForCausalLM(nn.Module):
         check_inputs(self.config, input_ids, labels, attention_mask, position_ids, past, self.lm_head.weight.device, document_ids)
         h, router_logits = self.model(input_ids, attention_mask, position_ids, cache, document_ids)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, check=False) if labels is not None else None  # check_inputs checked them
         aux = None
         if router_logits:
             from qwen_edu.moe import load_balancing_loss

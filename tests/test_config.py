@@ -117,6 +117,21 @@ def test_bad_configs_raise_clear_errors(kw, msg):
     with pytest.raises(ValueError, match=msg): QwenConfig(**kw)
 
 
+@pytest.mark.parametrize('kw, msg', [
+    (dict(hidden_size=7), r'hidden_size 7 is not divisible by num_attention_heads 8 \(head_dim would be 0\)'),
+    (dict(hidden_size=4), r'hidden_size 4 is not divisible by num_attention_heads 8 \(head_dim would be 0\).*multiple of'),
+    (dict(hidden_size=12), r'hidden_size 12 is not divisible by num_attention_heads 8 \(head_dim would be 1\)'),
+    (dict(hidden_size=8), r'head_dim 1 \(hidden_size 8 / num_attention_heads 8\) must be even for RoPE.*hidden_size'),
+    (dict(num_attention_heads=0), 'num_attention_heads must be a positive int, got 0'),
+    (dict(head_dim=0), 'head_dim must be a positive int, got 0'),
+    (dict(head_dim=7), r'head_dim 7 must be even for RoPE'),
+])
+def test_cli_like_size_overrides_name_the_field_the_user_set(kw, msg):
+    "`--hidden-size 7` is QwenConfig.from_preset('edu-tiny', hidden_size=7): the error names hidden_size, not head_dim 0."
+    with pytest.raises(ValueError, match=msg) as e: QwenConfig.from_preset('edu-tiny', **kw)
+    if 'head_dim' not in kw: assert 'head_dim must be a positive int' not in str(e.value)
+
+
 def test_unknown_preset_and_field():
     with pytest.raises(ValueError, match='unknown preset'): QwenConfig.from_preset('qwen2.5-8b')
     with pytest.raises(ValueError, match='unknown config fields'): QwenConfig.from_preset('edu-tiny', hiden_size=8)

@@ -428,3 +428,32 @@ def test_loss_with_no_labelled_token_is_zero_with_zero_gradient():
     assert torch.equal(logits.grad, torch.zeros_like(logits))
     labels[0, 0] = 3  # only the first token is labelled: nothing predicts it (labels are shifted)
     assert causal_lm_loss(logits, labels).item() == 0.0
+
+
+
+@pytest.mark.parametrize('bad', [lambda V: -1, lambda V: -2, lambda V: V, lambda V: V + 7], ids=['-1', '-2', 'V', 'V+7'])
+def test_labels_outside_vocab_and_not_minus_100_are_a_clear_error(small, bad):
+    "A label must be a token id or -100: -1 must not be clamped to token 0, one >= vocab_size must not be an index error."
+    from qwen_edu.model import causal_lm_loss
+    V = small.config.vocab_size
+    ids = torch.randint(0, V, (2, 5))
+    labels = ids.clone(); labels[0, 0] = -100; labels[1, 3] = bad(V)
+    with pytest.raises(ValueError, match=rf'labels must be token ids in \[0, {V}\) or -100 \(ignored\), got {bad(V)} '
+                                         rf'at \[1, 3\] \(1 such label\) with vocab_size {V}'):
+        small(ids, labels=labels)
+    with pytest.raises(ValueError, match=rf'got {bad(V)} at \[1, 3\] .*vocab_size {V}'):
+        causal_lm_loss(torch.randn(2, 5, V), labels)
+    labels[1, 3] = -100; labels[0, 1] = V - 1  # the edges are fine
+    with torch.no_grad(): assert torch.isfinite(small(ids, labels=labels).loss)
+
+
+def test_moe_model_checks_labels_too():
+    "The MoE model is QwenForCausalLM with sparse layers: the same loss path, the same error."
+    cfg = QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=32, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=16)
+    m = QwenForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        assert m(ids, labels=ids).aux_loss is not None
+        with pytest.raises(ValueError, match='got -1 at \\[0, 2\\].*vocab_size 64'): m(ids, labels=ids.index_fill(1, torch.tensor([2]), -1))
