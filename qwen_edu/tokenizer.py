@@ -593,6 +593,14 @@ class BPETokenizer:
                                  "every two characters; remove it")
             if not isinstance(i, int) or isinstance(i, bool) or i < n:
                 raise ValueError(f"special token {s!r} has id {i!r}, which collides with the BPE ids 0..{n-1}")
+        by_id = {}
+        for s, i in self.special_tokens.items():
+            if i in by_id: raise ValueError(f"special token {s!r} has id {i}, as {by_id[i]!r}: each id names one token")
+            by_id[i] = s
+        for want, i in enumerate(sorted(by_id), n):  # as Qwen: 151643 BPE ids, then the control tokens 151643..151664
+            if i != want:
+                raise ValueError(f"special token ids must be {n}..{n + len(by_id) - 1}, right after the BPE ids 0..{n-1}; "
+                                 f"got {i} for {by_id[i]!r}")
         # control tokens that Hugging Face files mark `special: false` (default: Qwen's tool-call, FIM and repo tokens)
         self.not_special = set(_QWEN_NOT_SPECIAL if not_special is None else not_special) & set(self.special_tokens)
         self._decoder = {i: b for i, b in enumerate(self.token_bytes)}
@@ -728,6 +736,8 @@ def _train(cls, texts, vocab_size: int, special_tokens=None, verbose: bool = Fal
     "Train a byte-level BPE tokenizer on `texts` (str or iterable of str) to `vocab_size` tokens in total."
     special_tokens = list(special_tokens or [])
     if '' in special_tokens: raise ValueError("special_tokens contains the empty string, which would match between every two characters; remove it")
+    if len(set(special_tokens)) != len(special_tokens):
+        raise ValueError(f"special_tokens lists {next(s for s in special_tokens if special_tokens.count(s) > 1)!r} twice; list each once")
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size must be an int >= 256 + number of special tokens ({256 + len(special_tokens)}), got {vocab_size!r}")
     counts = count_pretokens(texts, special_tokens, normalization)
@@ -862,18 +872,84 @@ def _hf_normalization(norm, where):
     raise ValueError(f"{where}: unsupported normalizer {norm!r}: only NFC, NFD, NFKC, NFKD or none are supported "
                      "(pass normalization=... to from_hf to override it)")
 
+def _short(x, n=240):
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + '...'
+
+_QWEN_PRE = ("a Sequence of Split(pattern={'Regex': PATTERN}, behavior='Isolated', invert=False) and "
+             "ByteLevel(add_prefix_space=False, use_regex=False), as in Qwen2.5's tokenizer.json and as save_hf writes")
+
+def _pre_tokenizer_problem(pre):
+    "How a tokenizer.json `pre_tokenizer` differs from Qwen2.5's (None when it does not)."
+    if not isinstance(pre, dict) or pre.get('type') != 'Sequence': return 'not a Sequence'
+    steps = pre.get('pretokenizers')
+    if not isinstance(steps, list) or len(steps) != 2:
+        kinds = [s.get('type') if isinstance(s, dict) else s for s in steps] if isinstance(steps, list) else steps
+        return f"steps {_short(kinds)}, not Split then ByteLevel"
+    split, bl = steps
+    if not isinstance(split, dict) or split.get('type') != 'Split': return 'step 1 is not Split'
+    if split.get('pattern') != {'Regex': PATTERN}: return "the Split pattern is not {'Regex': PATTERN}"
+    if split.get('behavior') != 'Isolated': return f"Split behavior {split.get('behavior')!r}, not 'Isolated'"
+    if split.get('invert') is not False: return f"Split invert {split.get('invert')!r}, not false"
+    if not isinstance(bl, dict) or bl.get('type') != 'ByteLevel': return 'step 2 is not ByteLevel'
+    for k in ('add_prefix_space', 'use_regex'):  # both default to true in `tokenizers`
+        if bl.get(k, True) is not False: return f"ByteLevel {k} {bl.get(k, True)!r}, not false"
+    return None
+
+def _check_hf_layout(tj, where):
+    """Refuse the parts of a tokenizer.json that `encode`/`decode` would not reproduce: anything but Qwen2.5's
+    pre-tokenizer, a byte-level BPE model without dropout, affixes or `ignore_merges`, a ByteLevel decoder, and no
+    post-processor but ByteLevel (which changes only offsets). Flags that change only offsets are accepted."""
+    model = tj['model']
+    if model.get('type', 'BPE') != 'BPE':
+        raise ValueError(f"{where}: unsupported model.type {model.get('type')!r}: only byte-level BPE models are supported")
+    for k, ok, want in [('dropout', lambda v: v in (None, 0), 'null'), ('continuing_subword_prefix', lambda v: v in (None, ''), "''"),
+                        ('end_of_word_suffix', lambda v: v in (None, ''), "''"), ('ignore_merges', lambda v: v in (None, False), 'false')]:
+        if not ok(model.get(k)):
+            raise ValueError(f"{where}: unsupported model.{k} {model[k]!r}: the encoder reproduces byte-level BPE with {k} {want} only")
+    why = _pre_tokenizer_problem(tj.get('pre_tokenizer'))
+    if why: raise ValueError(f"{where}: unsupported pre_tokenizer {_short(tj.get('pre_tokenizer'))} ({why}); "
+                             f"the encoder reproduces only {_QWEN_PRE}")
+    dec = tj.get('decoder')
+    if not (isinstance(dec, dict) and dec.get('type') == 'ByteLevel'):
+        raise ValueError(f"{where}: unsupported decoder {_short(dec)}: decode reproduces only a ByteLevel decoder, as in Qwen2.5's tokenizer.json")
+    post = tj.get('post_processor')
+    if not (post is None or isinstance(post, dict) and post.get('type') == 'ByteLevel'):
+        raise ValueError(f"{where}: unsupported post_processor {_short(post)}: encode adds no tokens, so only none or ByteLevel "
+                         "(offsets only, as in Qwen2.5's tokenizer.json) is supported")
+
+def _check_added_ids(specials, n, where):
+    "Added-token ids must be n..n+k-1: right after the n BPE ids, as Qwen's 151643..151664 follow its 151643 BPE ids."
+    by_id = {i: s for s, i in specials.items()}
+    for want, i in enumerate(sorted(by_id), n):
+        if i != want:
+            raise ValueError(f"{where}: added-token ids must be {n}..{n + len(by_id) - 1}, right after the vocabulary's ids "
+                             f"0..{n - 1} without gaps (as Qwen's 151643..151664); got {i} for {by_id[i]!r}")
+
 def _read_specials(entries, where):
     "{content: id} and the contents marked `special: false`, from tokenizer.json `added_tokens` (a list of dicts)."
     if not isinstance(entries, list): raise ValueError(f"{where}: added_tokens must be a list, got {type(entries).__name__}")
-    specials, plain = {}, set()
+    specials, plain, first, owner = {}, set(), {}, {}
     for n, t in enumerate(entries):
-        if not isinstance(t, dict) or not isinstance(t.get('content'), str) or not isinstance(t.get('id'), int):
+        if (not isinstance(t, dict) or not isinstance(t.get('content'), str) or not isinstance(t.get('id'), int)
+                or isinstance(t.get('id'), bool)):
             raise ValueError(f"{where}: added_tokens[{n}] must be an object with a string 'content' and an int 'id', got {t!r}")
         if not t['content']:
             raise ValueError(f"{where}: added_tokens[{n}] (id {t['id']}) is the empty string, which would match between every "
                              "two characters; remove it from the file")
-        specials[t['content']] = t['id']
-        if t.get('special', True) is False: plain.add(t['content'])
+        c, i = t['content'], t['id']
+        if c in specials:
+            raise ValueError(f"{where}: added_tokens[{n}] {c!r} (id {i}) is already added_tokens[{first[c]}] (id {specials[c]}); "
+                             "list each added token once")
+        if i in owner:
+            raise ValueError(f"{where}: added_tokens[{n}] ({c!r}) has id {i}, as added_tokens[{owner[i]}] "
+                             f"({entries[owner[i]]['content']!r}); each id names one token")
+        for k in ('lstrip', 'rstrip', 'single_word'):
+            if t.get(k, False) is not False:
+                raise ValueError(f"{where}: added_tokens[{n}] {c!r} has {k} {t[k]!r}: the encoder matches added tokens exactly, "
+                                 f"as Qwen2.5's files ({k} false), and does not reproduce {k}")
+        specials[c], first[c], owner[i] = i, n, n
+        if t.get('special', True) is False: plain.add(c)
     return specials, plain
 
 def _read_json(p: Path):
@@ -895,17 +971,18 @@ def _from_hf(cls, path, normalization='auto'):
                                                "holds the BPE \"vocab\" and \"merges\"")
         model = tj['model']
         if not isinstance(model, dict): raise ValueError(f"{p}: \"model\" must be an object with \"vocab\" and \"merges\", got {type(model).__name__}")
-        if model.get('type', 'BPE') != 'BPE': raise ValueError(f"{p}: only BPE models are supported, got {model.get('type')!r}")
         for k in ('vocab', 'merges'):
             if k not in model: raise ValueError(f"{p}: model.{k} is missing; a BPE tokenizer.json has model.vocab and model.merges")
         vocab, raw_merges = model['vocab'], model['merges']
         specials, plain = _read_specials(tj.get('added_tokens', []), p)
+        _check_hf_layout(tj, p)
+        where = p
         file_norm = _hf_normalization(tj.get('normalizer'), p) if normalization == 'auto' else normalization
     elif p.is_dir() and (p / 'vocab.json').is_file() and (p / 'merges.txt').is_file():
         vocab = _read_json(p / 'vocab.json')
         lines = (p / 'merges.txt').read_text(encoding='utf-8').splitlines()
         raw_merges = [l for l in lines if l and not l.startswith('#version')]
-        specials, plain = {}, set()
+        specials, plain, where = {}, set(), p / 'tokenizer_config.json'
         if (p / 'tokenizer_config.json').is_file():
             atd = _read_json(p / 'tokenizer_config.json').get('added_tokens_decoder', {})
             specials, plain = _read_specials([dict(v, id=int(k)) for k, v in atd.items()], p / 'tokenizer_config.json')
@@ -918,6 +995,7 @@ def _from_hf(cls, path, normalization='auto'):
         token_bytes[i] = _str_bytes(s)
     if len(token_bytes) < 256 or [token_bytes[i] for i in range(256)] != [bytes([b]) for b in ID_TO_BYTE]:
         raise ValueError(f"{p}: ids 0..255 must be the single bytes in GPT-2's bytes_to_unicode order (as in Qwen)")
+    _check_added_ids(specials, len(token_bytes), where)
     index = {b: i for i, b in enumerate(token_bytes)}
     return cls(token_bytes, _read_hf_merges(raw_merges, index, p), specials, normalization=file_norm, not_special=plain)
 

@@ -451,3 +451,142 @@ def test_many_new_pretokens_take_the_uncached_path(enc):
     assert len(tok._cache) == 0  # the bookkeeping was skipped
     short = 'naïve café ' * 10  # a short stretch still fills the cache
     assert tok.encode(short) == enc.encode_ordinary(short) and len(tok._cache) > 0
+
+
+# ---- loading: refuse the tokenizer.json components the encoder does not reproduce ----
+_BL = {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False, 'use_regex': False}
+QWEN25_LAYOUT = {  # Qwen2.5's released tokenizer.json, everything but the vocabulary, the merges and the added tokens
+    'normalizer': {'type': 'NFC'},
+    'pre_tokenizer': {'type': 'Sequence', 'pretokenizers': [
+        {'type': 'Split', 'pattern': {'Regex': PATTERN}, 'behavior': 'Isolated', 'invert': False}, _BL]},
+    'post_processor': _BL, 'decoder': _BL,
+    'model': {'type': 'BPE', 'dropout': None, 'unk_token': None, 'continuing_subword_prefix': '', 'end_of_word_suffix': '',
+              'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': False}}
+GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def _pre(i, **kw):
+    "Qwen's pre-tokenizer with step `i` of the Sequence changed."
+    pre = json.loads(json.dumps(QWEN25_LAYOUT['pre_tokenizer']))
+    pre['pretokenizers'][i].update(kw)
+    return pre
+
+
+def _write_variant(tj, path, change):
+    tj = json.loads(json.dumps(tj)) if len(tj['model']['vocab']) < 10_000 else dict(tj, model=dict(tj['model']))
+    change(tj)
+    path.write_text(json.dumps(tj, ensure_ascii=False))
+    return path
+
+
+def _set(key, value): return lambda tj: tj.__setitem__(key, value)
+def _set_model(key, value): return lambda tj: tj['model'].__setitem__(key, value)
+
+
+REFUSED = [
+    (_set('pre_tokenizer', {'type': 'Whitespace'}), r'pre_tokenizer.*Whitespace'),
+    (_set('pre_tokenizer', None), r'pre_tokenizer None'),
+    (_set('pre_tokenizer', dict(_BL, use_regex=True)), r'pre_tokenizer.*ByteLevel'),  # GPT-2's regex
+    (_set('pre_tokenizer', _pre(0, pattern={'Regex': GPT2_RE})), r'pre_tokenizer.*Split'),
+    (_set('pre_tokenizer', _pre(0, pattern={'String': ' '})), r'pre_tokenizer.*String'),
+    (_set('pre_tokenizer', _pre(0, behavior='Removed')), r'pre_tokenizer.*Removed'),
+    (_set('pre_tokenizer', _pre(0, invert=True)), r'pre_tokenizer.*invert'),
+    (_set('pre_tokenizer', _pre(1, add_prefix_space=True)), r'pre_tokenizer.*add_prefix_space'),
+    (_set('pre_tokenizer', _pre(1, use_regex=True)), r'pre_tokenizer.*use_regex'),
+    (_set('pre_tokenizer', {'type': 'Sequence', 'pretokenizers': QWEN25_LAYOUT['pre_tokenizer']['pretokenizers'] + [
+        {'type': 'Digits', 'individual_digits': True}]}), r'pre_tokenizer.*Digits'),
+    (_set('decoder', {'type': 'WordPiece', 'prefix': '##', 'cleanup': True}), r'decoder.*WordPiece'),
+    (_set('decoder', None), r'decoder None'),
+    (_set('post_processor', {'type': 'TemplateProcessing', 'single': [], 'pair': [], 'special_tokens': {}}),
+     r'post_processor.*TemplateProcessing'),
+    (_set_model('type', 'WordPiece'), r'model.type.*WordPiece'),
+    (_set_model('dropout', 0.1), r'model.dropout.*0.1'),
+    (_set_model('continuing_subword_prefix', '##'), r'model.continuing_subword_prefix'),
+    (_set_model('end_of_word_suffix', '</w>'), r'model.end_of_word_suffix'),
+    (_set_model('ignore_merges', True), r'model.ignore_merges'),
+    (lambda tj: tj['added_tokens'][1].update(lstrip=True), r"added_tokens\[1\].*lstrip"),
+    (lambda tj: tj['added_tokens'][0].update(single_word=True), r"added_tokens\[0\].*single_word"),
+]
+
+
+@pytest.mark.parametrize('change, match', REFUSED, ids=[m for _, m in REFUSED])
+def test_from_hf_refuses_what_the_encoder_does_not_reproduce(trained, tmp_path, change, match):
+    tj = trained.tokenizer_json()
+    p = _write_variant(tj, tmp_path / 'variant.json', change)
+    with pytest.raises(ValueError, match=match) as e: BPETokenizer.from_hf(p)
+    assert str(p) in str(e.value)
+
+
+def test_real_qwen_layout_loads_and_one_changed_component_is_refused(qwen_hf_dir, tmp_path):
+    tj = json.loads((qwen_hf_dir / 'tokenizer.json').read_text())
+    assert {k: tj[k] for k in QWEN25_LAYOUT if k != 'model'} == {k: v for k, v in QWEN25_LAYOUT.items() if k != 'model'}
+    assert {k: v for k, v in tj['model'].items() if k not in ('vocab', 'merges')} == QWEN25_LAYOUT['model']
+    assert [t['id'] for t in tj['added_tokens']] == list(range(151643, 151665))
+    for change, match in [REFUSED[0], REFUSED[13]]:  # Whitespace pre-tokenizer, WordPiece model
+        p = _write_variant(tj, tmp_path / 'variant.json', change)
+        with pytest.raises(ValueError, match=match): BPETokenizer.from_hf(p)
+
+
+def test_from_hf_accepts_what_changes_only_offsets_or_decoding_flags(trained, tmp_path):
+    "transformers' Qwen2Converter layout (other ByteLevel flags), no post-processor, older files without ignore_merges."
+    tj = trained.tokenizer_json()
+    hf = tokenizers.Tokenizer.from_str(json.dumps(tj))
+    pt = tokenizers.pre_tokenizers
+    hf.pre_tokenizer = pt.Sequence([pt.Split(tokenizers.Regex(PATTERN), behavior='isolated', invert=False),
+                                    pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+    hf.save(str(tmp_path / 'converter.json'))
+    variants = [tmp_path / 'converter.json',
+                _write_variant(tj, tmp_path / 'no_post.json', _set('post_processor', None)),
+                _write_variant(tj, tmp_path / 'old.json', lambda tj: tj['model'].pop('ignore_merges'))]
+    s = MULTI + '<|im_start|>x<|im_end|>'
+    for p in variants:
+        back = BPETokenizer.from_hf(p)
+        assert back.encode(s, allowed_special='all') == trained.encode(s, allowed_special='all'), p.name
+        hf = tokenizers.Tokenizer.from_file(str(p))
+        assert hf.encode(s).ids == trained.encode(s, allowed_special='all'), p.name
+
+
+# ---- loading: added-token ids must be unique and follow the vocabulary without gaps ----
+def _added(tj, i, **kw):
+    def change(tj): tj['added_tokens'][i].update(kw)
+    return change
+
+
+def test_from_hf_refuses_bad_added_token_ids(trained, tmp_path):
+    n = len(trained.token_bytes)
+    tj = trained.tokenizer_json()
+    assert [t['id'] for t in tj['added_tokens']] == [n, n + 1, n + 2]
+    cases = [
+        (_added(tj, 1, id=n), rf"added_tokens\[1\] \('<\|im_start\|>'\) has id {n}, as added_tokens\[0\] \('<\|endoftext\|>'\)"),
+        (_added(tj, 2, content='<|endoftext|>'), r"added_tokens\[2\] '<\|endoftext\|>' \(id %d\) is already added_tokens\[0\] \(id %d\)" % (n + 2, n)),
+        (_added(tj, 2, id=10**9), rf"ids must be {n}\.\.{n + 2}.*1000000000"),
+        (_added(tj, 2, id=n + 3), rf"ids must be {n}\.\.{n + 2}.*{n + 3}"),
+        (_added(tj, 0, id=5), rf"ids must be {n}\.\.{n + 2}.*got 5.*'<\|endoftext\|>'"),
+        (_added(tj, 0, id=True), r"int 'id'"),
+    ]
+    for change, match in cases:
+        p = _write_variant(tj, tmp_path / 'variant.json', change)
+        with pytest.raises(ValueError, match=match) as e: BPETokenizer.from_hf(p)
+        assert str(p) in str(e.value)
+    # the order of the list does not matter, only the ids
+    p = _write_variant(tj, tmp_path / 'shuffled.json', lambda tj: tj['added_tokens'].reverse())
+    assert BPETokenizer.from_hf(p).special_tokens == trained.special_tokens
+    # vocab.json + merges.txt + tokenizer_config.json: the same rules
+    d = tmp_path / 'old'; d.mkdir()
+    (d / 'vocab.json').write_text(json.dumps(tj['model']['vocab'], ensure_ascii=False))
+    (d / 'merges.txt').write_text('\n'.join(tj['model']['merges']) + '\n')
+    for atd, match in [({str(n): {'content': 'a'}, str(n + 1): {'content': 'a'}}, r"'a' \(id %d\) is already" % (n + 1)),
+                       ({str(n): {'content': 'a'}, str(10**9): {'content': 'b'}}, rf"ids must be {n}\.\.{n + 1}.*1000000000")]:
+        (d / 'tokenizer_config.json').write_text(json.dumps({'added_tokens_decoder': atd}))
+        with pytest.raises(ValueError, match=match) as e: BPETokenizer.from_hf(d)
+        assert 'tokenizer_config.json' in str(e.value)
+
+
+def test_constructor_refuses_duplicate_and_gapped_special_ids(trained):
+    n = len(trained.token_bytes)
+    with pytest.raises(ValueError, match=rf"'b' has id {n}, as 'a'"): BPETokenizer(trained.token_bytes, trained.merges, {'a': n, 'b': n})
+    with pytest.raises(ValueError, match=rf"ids must be {n}\.\.{n}.*1000000000"): BPETokenizer(trained.token_bytes, trained.merges, {'a': 10**9})
+    assert BPETokenizer(trained.token_bytes, trained.merges, {'b': n + 1, 'a': n}).vocab_size == n + 2
+    with pytest.raises(ValueError, match="special_tokens lists '<a>' twice"): BPETokenizer.train('abc abc', 300, special_tokens=['<a>', '<b>', '<a>'])
