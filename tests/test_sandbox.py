@@ -278,9 +278,64 @@ def test_a_bwrap_that_cannot_start_is_no_backend(monkeypatch):
 
 
 def test_bad_arguments():
+    "Every limit is checked before anything starts: a bad value is the caller's error, never a result of the code."
     with pytest.raises(TypeError, match='expects source code as a str'): run_python(b"print(1)")
-    with pytest.raises(ValueError, match='timeout must be a positive number'): run_python("pass", timeout=0)
-    with pytest.raises(ValueError, match='max_procs must be an int >= 0'): run_python("pass", max_procs=-1)
+    bad = [  # (keyword arguments, exception, message)
+        (dict(timeout=0), ValueError, r'timeout must be a finite number of seconds > 0 and <= 86400, got 0'),
+        (dict(timeout=-1), ValueError, r'timeout must be .* got -1'),
+        (dict(timeout=float('nan')), ValueError, r'timeout must be .* got nan'),
+        (dict(timeout=float('inf')), ValueError, r'timeout must be .* got inf'),
+        (dict(timeout=1e300), ValueError, r'timeout must be .* <= 86400, got 1e\+300'),
+        (dict(timeout='5'), TypeError, r"timeout must be a number \(seconds\), got str '5'"),
+        (dict(timeout=True), TypeError, r'timeout must be a number \(seconds\), got bool True'),
+        (dict(memory_mb=0.5), TypeError, r'memory_mb must be a whole number of MB, got float 0.5'),
+        (dict(memory_mb=256.5), TypeError, r'memory_mb must be a whole number of MB, got float 256.5'),
+        (dict(memory_mb=float('nan')), TypeError, r'memory_mb must be a whole number of MB, got float nan'),
+        (dict(memory_mb=float('inf')), TypeError, r'memory_mb must be a whole number of MB, got float inf'),
+        (dict(memory_mb=16), ValueError, r'memory_mb must be >= 32 \(the interpreter needs about 16 MB to start\)'),
+        (dict(memory_mb=2**40), ValueError, r'memory_mb must be .*<= 1048576'),
+        (dict(memory_mb=True), TypeError, r'memory_mb must be a whole number of MB, got bool True'),
+        (dict(max_output_bytes=-1), ValueError, r'max_output_bytes must be an int >= 0 and <= 1073741824, got -1'),
+        (dict(max_output_bytes=2**31), ValueError, r'max_output_bytes must be an int >= 0 and <= 1073741824'),
+        (dict(max_output_bytes=100.0), TypeError, r'max_output_bytes must be an int, got float 100.0'),
+        (dict(max_procs=-1), ValueError, r'max_procs must be an int >= 0 and <= 4096 \(extra threads'),
+        (dict(max_procs=10**6), ValueError, r'max_procs must be an int >= 0 and <= 4096'),
+        (dict(max_procs=1.0), TypeError, r'max_procs must be an int \(extra threads.*\), got float 1.0'),
+        (dict(max_procs=False), TypeError, r'max_procs must be an int .*, got bool False'),
+    ]
+    for kw, exc, msg in bad:
+        with pytest.raises(exc, match=msg): run_python("pass", **kw)
+    # the accepted edges run normally (a whole float is a whole number of MB)
+    assert run_python("print(1)", timeout=86400, memory_mb=32.0, max_output_bytes=2, max_procs=0).stdout == "1\n"
+    r = run_python("print('x')", max_output_bytes=0)  # no output allowed: the code fails, nothing comes back
+    assert not r.ok and r.stdout == r.stderr == ""
+
+
+def test_bwrap_failing_is_a_sandbox_error_not_a_code_failure(monkeypatch):
+    "bwrap's own error (here: a mount whose source is missing) raises SandboxError; the code never ran."
+    assert sandbox_backend() == 'bwrap'
+    monkeypatch.setitem(tasks._setup, 'mounts', tasks._setup['mounts'] + ['--ro-bind', '/nonexistent-qwen-edu', '/x'])
+    with pytest.raises(tasks.SandboxError, match=r"the sandbox did not start .*bwrap: Can't find source path "
+                                                 r"/nonexistent-qwen-edu"):
+        run_python("print(1)")
+    monkeypatch.undo()
+    # the code failing the same way bwrap does (exit 1, a 'bwrap:' line on stderr) is still the code's result
+    r = run_python("import sys\nsys.stderr.write('bwrap: fake\\n'); sys.exit(1)")
+    assert r.returncode == 1 and r.stderr == 'bwrap: fake\n'
+
+
+def test_max_procs_allows_threads_never_processes():
+    "max_procs counts threads (RLIMIT_NPROC); fork/exec/subprocess stay refused by the audit hook whatever its value."
+    threads = ("import threading\nts = [threading.Thread(target=int) for _ in range(2)]\n"
+               "for t in ts: t.start()\nfor t in ts: t.join()\nprint('threads ok')")
+    r = run_python(threads)
+    assert not r.ok and "can't start new thread" in r.stderr
+    assert run_python(threads, max_procs=2).stdout == "threads ok\n"
+    r = run_python("import os\nos.fork()", max_procs=8)
+    assert not r.ok and 'sandbox: os.fork is not allowed' in r.stderr
+    with pytest.raises(ValueError, match=r'max_procs.*extra threads the code may start; fork, exec and subprocess '
+                                         r'are refused whatever its value'):
+        run_python("pass", max_procs=-1)
 
 
 def test_parallel_calls():
