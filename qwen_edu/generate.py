@@ -9,9 +9,10 @@ import torch
 from .model import QwenForCausalLM, KVCache
 
 # %% auto #0
-__all__ = ['IM_END', 'ENDOFTEXT', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter', 'check_sampling', 'next_token',
-           'pad_prompts', 'positions_from_mask', 'default_stop_tokens', 'generate', 'decode_layout', 'split_utf8',
-           'TextStreamer', 'chat', 'fit_history', 'chat_cli']
+__all__ = ['IM_END', 'ENDOFTEXT', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter', 'check_sampling',
+           'scale_by_temperature', 'next_token', 'pad_prompts', 'positions_from_mask', 'default_stop_tokens',
+           'chat_stop_tokens', 'check_seed', 'generate', 'decode_layout', 'split_utf8', 'TextStreamer', 'chat',
+           'fit_history', 'chat_cli']
 
 # %% ../nbs/07_generate.ipynb #ad42ecb5
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -51,6 +52,11 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
     if repetition_penalty is not None and (not number('repetition_penalty', repetition_penalty, '> 0') or repetition_penalty <= 0):
         raise ValueError(f"repetition_penalty must be > 0 and finite (1 is off), got {repetition_penalty}")
 
+def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    "`logits / temperature` shifted by each row's max (same softmax), the max at exactly 0: no inf or NaN for any temperature > 0."
+    top = logits.max(-1, keepdim=True).values
+    return torch.where(logits == top, 0.0, (logits - top) / temperature)  # the rest <= 0, at worst -inf
+
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float | None = None, seen: torch.Tensor | None = None, generator=None) -> torch.Tensor:
     "The next token of each row (B,) from last-position logits (B, V): argmax when temperature == 0, else a sample."
@@ -59,16 +65,24 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     if repetition_penalty is not None and repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if not temperature: return logits.argmax(-1)
-    logits = logits / temperature
+    logits = scale_by_temperature(logits, temperature)  # a tiny temperature tends to greedy instead of NaN
     if top_k: logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0: logits = top_p_filter(logits, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 # %% ../nbs/07_generate.ipynb #ca1747ae
+def _id_list(p) -> list | None:
+    "One prompt as a list: a list or tuple, or a 1-D array or tensor (numpy, torch) through `tolist()`; else None."
+    if isinstance(p, (list, tuple)): return list(p)
+    if getattr(p, 'ndim', None) == 1 and callable(getattr(p, 'tolist', None)): return p.tolist()
+    return None
+
 def pad_prompts(prompts: list, pad_id: int = 0, device='cpu') -> tuple[torch.Tensor, torch.Tensor]:
     "Left-pad a list of token-id lists to (ids, attention_mask), both (B, T) long tensors."
-    if not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
-        raise TypeError("prompts must be a non-empty list of token-id lists (or a (B, T) tensor)")
+    rows = [_id_list(p) for p in prompts] if isinstance(prompts, (list, tuple)) else []
+    if not rows or any(r is None for r in rows):
+        raise TypeError("prompts must be a non-empty list of token-id lists or 1-D arrays (or a (B, T) tensor)")
+    prompts = rows
     if any(len(p) == 0 for p in prompts): raise ValueError("every prompt needs at least one token")
     for i, p in enumerate(prompts):
         bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
@@ -88,12 +102,27 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/07_generate.ipynb #01fb8be0
 IM_END, ENDOFTEXT = 151645, 151643  # Qwen's <|im_end|> (end of a chat turn) and <|endoftext|> (end of a document)
 
-def default_stop_tokens(config) -> set[int]:
-    "`<|im_end|>` and `<|endoftext|>` when inside the vocabulary, plus the config's eos id(s)."
-    stops = {t for t in (IM_END, ENDOFTEXT) if t < config.vocab_size}
+def _eos_ids(config) -> set[int]:
     eos = getattr(config, 'eos_token_id', None)
-    stops |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-    return stops
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
+def default_stop_tokens(config) -> set[int]:
+    "Qwen's `<|im_end|>` and `<|endoftext|>` ids when inside the vocabulary, plus the config's eos id(s)."
+    return {t for t in (IM_END, ENDOFTEXT) if t < config.vocab_size} | _eos_ids(config)
+
+def chat_stop_tokens(config, tokenizer) -> set[int]:
+    "Where a reply ends: the tokenizer's own `<|im_end|>` and `<|endoftext|>` ids plus the config's eos id(s) (Qwen's ids if it has neither)."
+    specials = getattr(tokenizer, 'special_tokens', None)
+    if not isinstance(specials, dict):  # a transformers tokenizer
+        specials = tokenizer.get_added_vocab() if callable(getattr(tokenizer, 'get_added_vocab', None)) else {}
+    own = {specials[t] for t in ('<|im_end|>', '<|endoftext|>') if t in specials}
+    return own | _eos_ids(config) if own else default_stop_tokens(config)
+
+def check_seed(seed):
+    "Raise a clear error unless `seed` is None or an int in [0, 2**63) (what `torch.Generator.manual_seed` takes)."
+    if seed is None: return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral): raise TypeError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not 0 <= seed < 2**63: raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
 
 def _stop_set(config, stop_tokens) -> set[int]:
     if isinstance(stop_tokens, str):
@@ -105,20 +134,38 @@ def _stop_set(config, stop_tokens) -> set[int]:
         raise TypeError(f"stop_tokens must be ints (token ids), got {stop_tokens!r}")
     return {int(t) for t in stops}
 
+def _check_mask(mask: torch.Tensor) -> torch.Tensor:
+    "`mask` as a long tensor if it is a left-padding mask (0/1 ints or bools, each row 0s then 1s), else a clear error."
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"attention_mask must hold 0/1 ints or bools (1: a token, 0: padding), got {mask.dtype}; "
+                        f"convert it with .long() if its values are 0 and 1")
+    bad = (mask != 0) & (mask != 1)
+    if bad.any(): raise ValueError(f"attention_mask must hold only 0s and 1s (1: a token, 0: padding), found {mask[bad][0].item()}")
+    mask = mask.long()
+    holes = (mask[:, 1:] < mask[:, :-1]).any(-1) | (mask[:, -1] == 0)  # a 1 before a 0, or nothing at the end
+    if holes.any():
+        r = int(holes.nonzero()[0, 0]); row = mask[r].tolist()
+        raise ValueError(f"prompts must be left-padded: each row of attention_mask must be 0s (padding) then 1s (the prompt), "
+                         f"ending with 1; row {r} is {row if len(row) <= 24 else str(row[:24])[:-1] + ', ...]'}")
+    return mask
+
 def _prompt_tensors(prompts, attention_mask, device):
     "(ids, mask) as (B, T) long tensors on `device` from a tensor or a list of token-id lists."
     if isinstance(prompts, torch.Tensor):
         ids = prompts[None] if prompts.ndim == 1 else prompts
         if ids.ndim != 2: raise ValueError(f"input_ids must be (B, T), got shape {tuple(prompts.shape)}")
+        if ids.numel() == 0: raise ValueError(f"input_ids {tuple(ids.shape)} is empty: every prompt needs at least one token")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be an integer tensor of token ids, got {ids.dtype}")
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device)
+        if mask.ndim == 1 and prompts.ndim == 1: mask = mask[None]
         if mask.shape != ids.shape: raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
-        if (mask[:, -1] == 0).any(): raise ValueError("prompts must be left-padded: the last column of attention_mask must be 1")
-        return ids.to(device).long(), mask.to(device).long()
+        return ids.to(device).long(), _check_mask(mask).to(device)
+    if hasattr(prompts, '__array__') and getattr(prompts, 'ndim', 0) >= 1:  # a numpy array: (T,) or (B, T)
+        return _prompt_tensors(torch.as_tensor(prompts), attention_mask, device)
     if attention_mask is not None: raise ValueError("attention_mask goes with a tensor of input_ids; lists are padded for you")
-    if prompts and not isinstance(prompts[0], (list, tuple)): prompts = [prompts]  # one prompt
-    return pad_prompts(list(prompts), device=device)
+    if isinstance(prompts, (list, tuple)) and prompts and _id_list(prompts[0]) is None: prompts = [prompts]  # one prompt
+    return pad_prompts(prompts, device=device)
 
 @torch.inference_mode()
 def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -129,6 +176,7 @@ def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperat
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 and an int, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p, repetition_penalty)
+    check_seed(seed)
     stop_set = _stop_set(model.config, stop_tokens)
     device = next(model.parameters()).device
     ids, mask = _prompt_tensors(prompts, attention_mask, device)
@@ -138,7 +186,7 @@ def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperat
                                   f"no room for a new token; shorten it")
     max_new_tokens = min(int(max_new_tokens), ctx - T)  # prompt + new tokens never exceed the context (nor the cache)
     stops = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
-    if generator is None and seed is not None: generator = torch.Generator(device).manual_seed(seed)
+    if generator is None and seed is not None: generator = torch.Generator(device).manual_seed(int(seed))
     padded = bool((mask == 0).any())
     cache = KVCache(max_len=T + max_new_tokens)
     pos = positions_from_mask(mask)
@@ -225,32 +273,52 @@ def chat(model: QwenForCausalLM, tokenizer, messages: list[dict], stream=False, 
     from qwen_edu.chat import encode_chat
     ids = encode_chat(tokenizer, messages, add_generation_prompt=True)  # message text never becomes control tokens
     streamer = TextStreamer(tokenizer) if stream is True else (stream or None)
-    out = generate(model, [ids], stream=streamer, **gen_kwargs)[0]
-    stops = _stop_set(model.config, gen_kwargs.get('stop_tokens', 'default'))
+    st = gen_kwargs.pop('stop_tokens', 'default')  # 'default': this tokenizer's end of turn, not Qwen's fixed ids
+    stops = chat_stop_tokens(model.config, tokenizer) if isinstance(st, str) and st == 'default' else _stop_set(model.config, st)
+    out = generate(model, [ids], stream=streamer, stop_tokens=sorted(stops), **gen_kwargs)[0]
     if out and out[-1] in stops: out = out[:-1]
     if streamer is not None and stream is True: print()
     return tokenizer.decode(out)
 
 def fit_history(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[dict], int]:
     "(`messages` without their oldest exchanges so that the prompt has at most `max_tokens` tokens, how many were dropped)."
-    from qwen_edu.chat import encode_chat
+    from qwen_edu.chat import encode_chat, DEFAULT_SYSTEM_PROMPT
     head = list(messages[:1]) if messages and messages[0].get('role') == 'system' else []  # the system message stays
     rest, dropped = list(messages[len(head):]), 0
     while (n := len(encode_chat(tokenizer, head + rest, add_generation_prompt=True))) > max_tokens:
         cut = next((i for i in range(1, len(rest)) if rest[i]['role'] == 'user'), None)  # the oldest exchange ends there
-        if cut is None: raise ValueError(f"the last message is too long for the context: the prompt needs {n} tokens "
-                                         f"and only {max_tokens} fit; shorten it")
+        if cut is None:
+            n_sys = len(encode_chat(tokenizer, head or [{'role': 'system', 'content': DEFAULT_SYSTEM_PROMPT}]))
+            which = '' if head else ": Qwen's default, as no system message was given"
+            raise ValueError(f"the last message is too long for the context: the system prompt ({n_sys} tokens{which}) "
+                             f"and this message need {n} tokens and only {max_tokens} fit; shorten them")
         rest, dropped = rest[cut:], dropped + cut
     return head + rest, dropped
 
 # %% ../nbs/07_generate.ipynb #de194850
+def _check_device(device: str) -> str:
+    "`device` if torch can run a model there (cpu, cuda[:i], mps), else a ValueError saying why, for `--device`."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError): raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if d.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available (this torch is built without CUDA, or no GPU is "
+                             f"visible); use --device cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"--device {device}: there is only {n} CUDA device{'s' if n != 1 else ''} (cuda:0 to cuda:{n - 1})")
+    elif d.type == 'mps':
+        if not torch.backends.mps.is_available(): raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif d.type != 'cpu': raise ValueError(f"--device {device!r} cannot run a chat; use cpu, cuda, cuda:N or mps")
+    return device
+
 def chat_cli(argv=None):
     "`qwen-edu chat --model PATH_OR_HUB_ID [--prompt TEXT]`: chat with a checkpoint on the terminal."
     p = argparse.ArgumentParser(prog='qwen-edu chat', description='Chat with a Qwen2/Qwen2.5 checkpoint.')
     p.add_argument('--model', required=True, help='checkpoint folder (config.json + *.safetensors) or hub id')
     p.add_argument('--tokenizer', default=None, help='tokenizer folder or tokenizer.json (default: the model folder)')
     p.add_argument('--prompt', default=None, help='answer this one message and exit')
-    p.add_argument('--system', default=None, help='system message')
+    p.add_argument('--system', default=None, help="system message (default: Qwen's; --system '' for an empty one)")
     p.add_argument('--max-new-tokens', type=int, default=512)
     p.add_argument('--temperature', type=float, default=None, help='0 for greedy (default: generation_config.json, else 0.7)')
     p.add_argument('--top-p', type=float, default=None, help='default: generation_config.json, else 0.8')
@@ -261,11 +329,13 @@ def chat_cli(argv=None):
     p.add_argument('--device', default='cpu', help="where the model runs: cpu, cuda, cuda:1, mps")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1: p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    from qwen_edu.hf import from_hf, resolve_checkpoint
+    try: _check_device(a.device); check_seed(a.seed)  # before loading anything
+    except (TypeError, ValueError) as e: p.error(str(e))
+    from qwen_edu.hf import from_hf, resolve_checkpoint, read_json
     from qwen_edu.tokenizer import BPETokenizer
     from qwen_edu.chat import encode_chat
     path = resolve_checkpoint(a.model)
-    gc = json.loads((path / 'generation_config.json').read_text()) if (path / 'generation_config.json').exists() else {}
+    gc = read_json(path / 'generation_config.json') if (path / 'generation_config.json').exists() else {}
     def pick(arg, key, default): return arg if arg is not None else gc.get(key, default)
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=pick(a.temperature, 'temperature', 0.7),
                top_p=pick(a.top_p, 'top_p', 0.8), top_k=pick(a.top_k, 'top_k', 20),
@@ -275,13 +345,17 @@ def chat_cli(argv=None):
     try: check_sampling(gen['temperature'], gen['top_k'], gen['top_p'], gen['repetition_penalty'])
     except (TypeError, ValueError) as e: p.error(str(e))  # before loading anything, not in the middle of a chat
     model, tok = from_hf(path, dtype=a.dtype, device=a.device), BPETokenizer.from_hf(a.tokenizer or path)
-    system = [{'role': 'system', 'content': a.system}] if a.system else []
+    system = [{'role': 'system', 'content': a.system}] if a.system is not None else []  # none: Qwen's default
     encode_chat(tok, system + [{'role': 'user', 'content': ''}])  # a tokenizer without ChatML's tokens fails here, once
     ctx = model.config.max_position_embeddings
     room = ctx - min(a.max_new_tokens, ctx // 2)  # prompt tokens that leave room for a reply
     def fit(msgs):
         try: return fit_history(tok, msgs, room)
-        except ValueError as e: print(f"qwen-edu chat: {e} (not sent)", file=sys.stderr); return None, 0
+        except ValueError as e:
+            print(f"qwen-edu chat: {e} (not sent). The prompt may use {room} of the {ctx}-token context (the rest is kept "
+                  f"for the reply: --max-new-tokens, at most half); shorten the message or the system prompt "
+                  f"(--system TEXT, --system '' for an empty one)", file=sys.stderr)
+            return None, 0
     if a.prompt is not None:
         msgs, _ = fit(system + [{'role': 'user', 'content': a.prompt}])
         if msgs is None: return 2

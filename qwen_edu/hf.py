@@ -14,8 +14,8 @@ from .model import QwenForCausalLM
 
 # %% auto #0
 __all__ = ['HF_ARCHITECTURES', 'IGNORED_HF_TENSORS', 'LAYOUT_CONVERTERS', 'MODEL_FILE_PATTERNS', 'config_from_hf', 'config_to_hf',
-           'state_dict_from_hf', 'state_dict_to_hf', 'check_tensors', 'resolve_checkpoint', 'safetensors_files',
-           'read_safetensors', 'load_weights', 'from_hf', 'to_hf']
+           'state_dict_from_hf', 'state_dict_to_hf', 'check_tensors', 'resolve_checkpoint', 'read_json',
+           'safetensors_files', 'read_safetensors', 'load_weights', 'from_hf', 'to_hf']
 
 # %% ../nbs/06_hf.ipynb #8c1b5612
 HF_ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM', 'qwen2_moe': 'Qwen2MoeForCausalLM'}  # model_type -> class name
@@ -142,13 +142,23 @@ def _inside(folder: Path, name) -> Path:
                          f"copy the file into the folder instead")
     return path
 
+def read_json(path: Path) -> dict:
+    "The JSON object (dict) in the file `path`; a ValueError naming the file if it is not valid JSON or not an object."
+    path = Path(path)
+    try: d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object ({{...}}), got {type(d).__name__}: {json.dumps(d)[:60]}")
+    return d
+
 def safetensors_files(folder: Path) -> list[Path]:
     "The safetensors files of a checkpoint folder (all shards when there is an index), all inside the folder."
     folder = Path(folder)
     idx = folder / 'model.safetensors.index.json'
     if idx.exists():
-        wmap = json.loads(idx.read_text()).get('weight_map')
-        if not isinstance(wmap, dict): raise ValueError(f"{idx} has no 'weight_map' (tensor name -> shard file)")
+        wmap = read_json(idx).get('weight_map')
+        if not isinstance(wmap, dict):
+            raise ValueError(f"{idx} has no 'weight_map' object (tensor name -> shard file), got {json.dumps(wmap)[:60]}")
         files = [_inside(folder, f) for f in dict.fromkeys(wmap.values())]  # every name checked before any is read
         for f in sorted(set(files)):
             if not f.exists(): raise FileNotFoundError(f"{idx.name} lists the shard {f.name}, missing from {folder}")
@@ -220,7 +230,7 @@ def from_hf(path_or_model, dtype='float32', device='cpu') -> QwenForCausalLM:
     else:
         folder = resolve_checkpoint(path_or_model)
         if not (folder / 'config.json').exists(): raise FileNotFoundError(f"no config.json in {folder}")
-        cfg = config_from_hf(json.loads((folder / 'config.json').read_text()))  # the architecture, before the weights
+        cfg = config_from_hf(read_json(folder / 'config.json'))  # the architecture, before the weights
         tensors = read_safetensors(safetensors_files(folder))
     with torch.device('meta'): model = QwenForCausalLM(cfg)  # no memory, no random init
     return load_weights(model, tensors, dtype=dtype, device=device)

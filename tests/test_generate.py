@@ -337,3 +337,132 @@ def test_chat_cli_bad_settings_refused_at_start(tmp_path, capsys):
         with pytest.raises(SystemExit) as e: chat_cli(['--model', str(tmp_path), '--prompt', 'hello'] + flags)
         assert e.value.code == 2
         import re; assert re.search(msg, capsys.readouterr().err)
+
+
+def _always(model, token):
+    "Hook the lm_head so that the model always predicts `token`."
+    def hook(mod, inp, out):
+        out = torch.full_like(out, -10.0); out[..., token] = 10.0; return out
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_chat_stops_at_the_tokenizers_im_end(tmp_path, capsys, monkeypatch):
+    "A model trained here has its own <|im_end|> id (not Qwen's 151645) and eos_token_id None: chat still stops there."
+    import qwen_edu.hf as H
+    from qwen_edu.generate import chat_stop_tokens
+    model, tok = _chat_setup(tmp_path)
+    model.config.eos_token_id = None  # as the edu presets
+    im_end, eot = tok.special_tokens['<|im_end|>'], tok.special_tokens['<|endoftext|>']
+    assert default_stop_tokens(model.config) == set()
+    assert chat_stop_tokens(model.config, tok) == {im_end, eot}
+    for t in (im_end, eot):
+        h = _always(model, t)
+        try: assert chat(model, tok, [{'role': 'user', 'content': 'hello'}], max_new_tokens=20) == ''
+        finally: h.remove()
+    h = _always(model, im_end)
+    try:
+        to_hf(model, tmp_path); tok.save_hf(tmp_path)
+        loaded = from_hf(tmp_path)
+        assert loaded.config.eos_token_id is None
+        monkeypatch.setattr(H, 'from_hf', lambda *a, **k: loaded)
+        h2 = _always(loaded, im_end)
+        assert chat_cli(['--model', str(tmp_path), '--prompt', 'hello', '--temperature', '0', '--max-new-tokens', '20']) == 0
+        h2.remove()
+        assert capsys.readouterr().out == '\n'
+        calls = []
+        chat(model, tok, [{'role': 'user', 'content': 'hello'}], max_new_tokens=20, stream=lambda t: calls.append(t))
+        assert len(calls) == 1  # stopped after the first token
+        # an explicit stop list is kept as given
+        out = chat(model, tok, [{'role': 'user', 'content': 'hello'}], max_new_tokens=3, stop_tokens=None)
+        assert out == tok.decode([im_end] * 3)
+    finally: h.remove()
+
+
+def test_tiny_temperature_is_almost_greedy(pair):
+    model, _ = pair
+    greedy = generate(model, PROMPTS, max_new_tokens=8)
+    for t in (1e-300, 1e-45, 1e-30, 5e-324):
+        assert generate(model, PROMPTS, max_new_tokens=8, temperature=t, seed=0) == greedy, t
+    huge = torch.tensor([[3e38, -3e38, 0.0, 3e38]])
+    for t in (1e-300, 0.5, 1.0):  # logits / t overflowing to inf: still the two largest, evenly
+        got = next_token(huge.repeat(400, 1), t, generator=torch.Generator().manual_seed(0))
+        assert set(got.tolist()) == {0, 3}, t
+    ties = next_token(torch.tensor([[1.0, 5.0, 5.0]]).repeat(400, 1), 1e-300, generator=torch.Generator().manual_seed(0))
+    assert set(ties.tolist()) == {1, 2}
+
+
+def test_seed_checked(pair):
+    model, _ = pair
+    for bad in (2**70, 2**63, -1):
+        with pytest.raises(ValueError, match=r'seed must be an int in \[0, 2\*\*63\)'): generate(model, [[1, 2]], seed=bad)
+    for bad in (1.5, '3', True):
+        with pytest.raises(TypeError, match=r'seed must be an int'): generate(model, [[1, 2]], seed=bad)
+    assert generate(model, [[1, 2]], seed=2**63 - 1, temperature=0.7, max_new_tokens=2)
+
+
+def test_attention_mask_and_prompt_types_checked(pair):
+    import numpy as np
+    model, _ = pair
+    ids = torch.tensor([[5, 6, 7]])
+    calls, h = _forward_counter(model)
+    try:
+        for mask, err, msg in [(torch.tensor([[0.5, 1.0, 1.0]]), TypeError, '0/1 ints or bools'),
+                               (torch.tensor([[1.0, 1.0, 1.0]]), TypeError, '0/1 ints or bools'),
+                               (torch.tensor([[2, 1, 1]]), ValueError, 'only 0s and 1s'),
+                               (torch.tensor([[-1, 1, 1]]), ValueError, 'only 0s and 1s'),
+                               (torch.tensor([[1, 0, 1]]), ValueError, r'left-padded.*row 0 is \[1, 0, 1\]'),
+                               ([[1, 0, 1]], ValueError, 'left-padded')]:
+            with pytest.raises(err, match=msg): generate(model, ids, attention_mask=mask)
+        with pytest.raises(TypeError, match='token ids must be ints'): generate(model, [np.array([1.5, 2.0])])
+        with pytest.raises(ValueError, match='at least one token'): generate(model, torch.zeros(1, 0, dtype=torch.long))
+        assert not calls
+    finally: h.remove()
+    ref = generate(model, PROMPTS[:2], max_new_tokens=4)
+    assert generate(model, [np.array(p) for p in PROMPTS[:2]], max_new_tokens=4) == ref
+    assert generate(model, [torch.tensor(p) for p in PROMPTS[:2]], max_new_tokens=4) == ref
+    assert generate(model, np.array(PROMPTS[0]), max_new_tokens=4) == ref[:1]
+    assert generate(model, [np.int64(t) for t in PROMPTS[0]], max_new_tokens=4) == ref[:1]
+    pids, pmask = pad_prompts(PROMPTS[:2])
+    assert generate(model, pids, attention_mask=pmask.bool(), max_new_tokens=4) == ref
+    assert generate(model, pids.numpy(), attention_mask=pmask.numpy(), max_new_tokens=4) == ref
+
+
+def test_chat_cli_device_checked_up_front(tmp_path, capsys, monkeypatch):
+    import qwen_edu.hf as H
+    model, tok = _chat_setup(tmp_path)
+    to_hf(model, tmp_path); tok.save_hf(tmp_path)
+    loads = []
+    monkeypatch.setattr(H, 'from_hf', lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    for dev, msg in [('cuda', 'CUDA is not available'), ('cuda:1', 'CUDA is not available'),
+                     ('bogus', "--device 'bogus' is not a device"), ('cuda:x', "--device 'cuda:x' is not a device"),
+                     ('meta', 'use cpu, cuda')]:
+        with pytest.raises(SystemExit) as e: chat_cli(['--model', str(tmp_path), '--prompt', 'hi', '--device', dev])
+        assert e.value.code == 2
+        import re; assert re.search(msg, capsys.readouterr().err), dev
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    with pytest.raises(SystemExit): chat_cli(['--model', str(tmp_path), '--prompt', 'hi', '--device', 'cuda:1'])
+    assert 'only 1 CUDA device' in capsys.readouterr().err
+    for seed in ('-1', str(2**70)):
+        with pytest.raises(SystemExit): chat_cli(['--model', str(tmp_path), '--prompt', 'hi', '--seed', seed])
+        assert 'seed must be an int in [0, 2**63)' in capsys.readouterr().err
+    assert not loads
+
+
+def test_chat_cli_names_the_system_prompt_when_it_uses_the_room(tmp_path, capsys):
+    model, tok = _chat_setup(tmp_path, ctx=64)
+    to_hf(model, tmp_path); tok.save_hf(tmp_path)
+    args = ['--model', str(tmp_path), '--prompt', 'hi', '--temperature', '0', '--max-new-tokens', '8']
+    assert chat_cli(args) == 2  # Qwen's default system prompt does not fit in 64 - 8 tokens with this tokenizer
+    err = capsys.readouterr().err
+    assert 'the system prompt' in err and "default" in err and "--system ''" in err and 'of the 64-token context' in err
+    assert chat_cli(args + ['--system', '']) == 0  # an empty system message: room for the question
+
+
+def test_chat_cli_generation_config_must_be_an_object(tmp_path):
+    model, tok = _chat_setup(tmp_path)
+    to_hf(model, tmp_path); tok.save_hf(tmp_path)
+    (tmp_path / 'generation_config.json').write_text('[]')
+    with pytest.raises(ValueError, match='generation_config.json must hold a JSON object'):
+        chat_cli(['--model', str(tmp_path), '--prompt', 'hi'])

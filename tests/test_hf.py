@@ -237,3 +237,16 @@ def test_to_hf_never_leaves_stale_weights(tmp_path, monkeypatch):
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), X), logits(small, X), atol=1e-5, rtol=0)
     (tmp_path / 'new').mkdir(); to_hf(small, tmp_path / 'new')  # an existing empty folder is fine
     with pytest.raises(FileExistsError, match='is a file'): to_hf(small, tmp_path / 'README.md')
+
+
+def test_index_and_config_must_be_json_objects(tmp_path):
+    hf = tiny_hf(tie=False)
+    hf.save_pretrained(tmp_path, max_shard_size='30kB')
+    idx = tmp_path / 'model.safetensors.index.json'
+    for text in ('[]', '"x"', '{"weight_map": []}', '{"weight_map": null}', 'not json'):
+        idx.write_text(text)
+        with pytest.raises(ValueError, match='model.safetensors.index.json'): from_hf(tmp_path)
+    (tmp_path / 'config.json').write_text('[]')
+    with pytest.raises(ValueError, match=r'config.json must hold a JSON object'): from_hf(tmp_path)
+    (tmp_path / 'config.json').write_text('{oops')
+    with pytest.raises(ValueError, match=r'config.json is not valid JSON'): from_hf(tmp_path)
