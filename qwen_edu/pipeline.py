@@ -83,7 +83,7 @@ def _pretrain_fields(cfg: PipelineConfig, data, resume=False):
     return dict(preset=cfg.preset, data=data, out=str(cfg.run_dir / 'pretrain'), max_steps=cfg.max_steps,
                 batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, warmup_steps=pipeline_warmup(cfg),
                 eval_every=cfg.eval_every, eval_batches=cfg.eval_batches, ckpt_every=max(cfg.eval_every, 1),
-                seed=cfg.seed, progress=cfg.progress, resume=resume)
+                seed=cfg.seed, progress=cfg.progress, resume=resume, memory_check=cfg.memory_check)
 
 def pretrain_config(cfg: PipelineConfig, ctx, resume=False):
     "The TrainConfig of the pre-training stage."
@@ -144,7 +144,7 @@ _SET_BY_PIPELINE = {'preset': '--preset', 'data': 'the data stage', 'out': '--ou
                     'max_steps': '--max-steps', 'batch_size': '--batch-size', 'seq_len': '--seq-len', 'lr': '--lr',
                     'warmup_steps': '--warmup-steps', 'eval_every': '--eval-every', 'eval_batches': '--eval-batches',
                     'ckpt_every': '--eval-every (checkpoints follow it)', 'seed': '--seed', 'progress': '--progress',
-                    'resume': 'the pipeline (it resumes by itself)'}
+                    'resume': 'the pipeline (it resumes by itself)', 'memory_check': '--no-memory-check'}
 _MIN_CORPUS = 10_000  # bytes: below this the tokenizer and the validation split have too little text
 
 def _stage_names(cfg: PipelineConfig):
@@ -165,7 +165,7 @@ def validate_pipeline(cfg: PipelineConfig) -> dict:
     "Check every argument before any work; return the stages to run and the training-memory estimate (or None)."
     from qwen_edu.config import QwenConfig, PRESETS, check_fits
     from qwen_edu.tokenizer import QWEN_SPECIAL_TOKENS
-    from qwen_edu.train import check_train_config, build_model_config
+    from qwen_edu.train import check_train_config, build_model_config, F32_MAX
     load_post_training_stages()  # their stages count among the valid --stages
     try: QwenConfig.from_preset(cfg.preset)
     except ValueError: raise ValueError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}") from None
@@ -184,6 +184,7 @@ def validate_pipeline(cfg: PipelineConfig) -> dict:
                          "lower --warmup-steps or raise --max-steps")
     if not isinstance(cfg.lr, (int, float)) or isinstance(cfg.lr, bool) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}; fix --lr")
+    if cfg.lr > F32_MAX: raise ValueError(f"lr = {cfg.lr!r} overflows float32 (max {F32_MAX:.4g}), the optimizer's type; fix --lr")
     if not isinstance(cfg.sample_prompt, str) or not cfg.sample_prompt:
         raise ValueError(f"sample_prompt must be a non-empty string, got {cfg.sample_prompt!r}")
     names = _stage_names(cfg)
@@ -197,13 +198,14 @@ def validate_pipeline(cfg: PipelineConfig) -> dict:
         if k in _SET_BY_PIPELINE: raise ValueError(f"--train-overrides sets {k!r}, which the pipeline sets itself; use {_SET_BY_PIPELINE[k]}")
     tc = check_train_config(TrainConfig(**_pretrain_fields(cfg, data='builtin'), **ov))
     mc = build_model_config(tc, cfg.vocab_size)  # a ValueError for inconsistent model sizes
-    if tc.device == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("--train-overrides asks for device 'cuda' but no GPU is visible; use \"device\": \"cpu\" or \"auto\"")
+    if tc.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"--train-overrides asks for device {tc.device!r} but no GPU is visible; use \"device\": \"cpu\" or \"auto\"")
     memory = None
     if cfg.memory_check and 'pretrain' in names and not (cfg.run_dir / 'pretrain' / 'done.json').exists():
-        cuda = tc.device == 'cuda' or (tc.device == 'auto' and torch.cuda.is_available())
+        cuda = tc.device.startswith('cuda') or (tc.device == 'auto' and torch.cuda.is_available())
         bf16 = tc.dtype == 'bf16' or (tc.dtype == 'auto' and cuda)
-        try: memory = check_fits(mc, tc.batch_size, tc.seq_len, device='cuda' if cuda else 'cpu', name=cfg.preset,
+        device = (tc.device if tc.device.startswith('cuda') else 'cuda') if cuda else 'cpu'
+        try: memory = check_fits(mc, tc.batch_size, tc.seq_len, device=device, name=cfg.preset,
                                  what='pre-training', autocast_dtype='bf16' if bf16 else None, grad_accum=tc.grad_accum)
         except MemoryError as e:
             raise type(e)(f"{e}; --no-memory-check skips this check") from None

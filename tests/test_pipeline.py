@@ -199,3 +199,25 @@ def test_default_warmup_fits_short_runs(tmp_path):
         assert pipeline_warmup(cfg) == want
         check_train_config(TrainConfig(**_pretrain_fields(cfg, data=str(tmp_path))))
     assert pipeline_warmup(PipelineConfig(max_steps=8, warmup_steps=2)) == 2
+
+
+def test_float32_overflowing_lr_is_refused(tmp_path, capsys):
+    "A finite --lr beyond float32 (the optimizer's type) is refused before any work, like a NaN one."
+    from qwen_edu.pipeline import validate_pipeline
+    run = tmp_path / 'run'
+    for lr in (1e39, 3e38):
+        with pytest.raises(ValueError, match='lr .*float32'): validate_pipeline(PipelineConfig(out=str(run), lr=lr))
+    assert pipeline_cli(['--out', str(run), '--lr', '1e39']) == 2
+    assert 'float32' in capsys.readouterr().err and not run.exists()
+    with pytest.raises(ValueError, match='weight_decay.*float32'):
+        validate_pipeline(PipelineConfig(out=str(run), train_overrides={'weight_decay': 1e39}))
+
+
+def test_memory_check_reaches_pretraining(tmp_path):
+    "--no-memory-check is passed on to the pre-training stage (whose train() checks memory too)."
+    from qwen_edu.pipeline import pretrain_config, validate_pipeline
+    ctx = {'data': {'data': str(tmp_path)}}
+    assert pretrain_config(PipelineConfig(out=str(tmp_path)), ctx).memory_check is True
+    assert pretrain_config(PipelineConfig(out=str(tmp_path), memory_check=False), ctx).memory_check is False
+    with pytest.raises(ValueError, match="sets 'memory_check'.*--no-memory-check"):
+        validate_pipeline(PipelineConfig(out=str(tmp_path / 'run'), train_overrides={'memory_check': False}))

@@ -372,3 +372,105 @@ def test_fsdp_stop_and_resume_is_exact(shards, tmp_path):
     assert (step2 / 'state.safetensors').exists() and not (step2 / 'state.pt').exists()
     run(tmp_path / 'resumed', resume_from=str(step2))
     assert losses(tmp_path / 'resumed') == losses(tmp_path / 'full')[2:] and len(losses(tmp_path / 'resumed')) == 2
+
+
+# --- hostile review follow-ups (issue #11) ---
+
+def test_memory_check_refuses_before_writing(shards, tmp_path, monkeypatch):
+    "The 72B preset (and a tiny model when little memory is left) is refused with the estimate; nothing is written."
+    import qwen_edu.config
+    from qwen_edu.config import NotEnoughMemoryError
+    big = TrainConfig(data=str(shards), out=str(tmp_path / 'big'), preset='qwen2.5-72b', batch_size=1, seq_len=16,
+                      max_steps=8, progress=False)
+    with pytest.raises(NotEnoughMemoryError, match=r'training qwen2\.5-72b at batch 1 x 16 needs about .*--no-memory-check'):
+        train(big)
+    assert not (tmp_path / 'big').exists()
+    monkeypatch.setattr(qwen_edu.config, 'available_memory', lambda device='cpu': 10_000)
+    with pytest.raises(MemoryError, match=r'needs about .* 10 kB available'): train(cfg_for(shards, tmp_path / 'tiny'))
+    assert not (tmp_path / 'tiny').exists()
+    assert train(cfg_for(shards, tmp_path / 'tiny', max_steps=2, memory_check=False)).step == 2
+    assert train_parser().parse_args(['--no-memory-check']).memory_check is False
+    assert 'memory_check' not in T.RESUME_FIELDS
+
+
+def test_float32_overflowing_values_are_refused(shards, tmp_path):
+    "Finite values that overflow float32 (lr, or AdamW's first step lr / (1 - beta1)) are refused, not a RuntimeError."
+    for kw, field in [(dict(lr=1e39), 'lr'), (dict(lr=3e38), 'lr'), (dict(lr=1e36, beta1=0.999), 'lr'),
+                      (dict(weight_decay=1e39), 'weight_decay'), (dict(lr=1.0, weight_decay=1e39), 'weight_decay'),
+                      (dict(grad_clip=1e39), 'grad_clip'), (dict(rope_theta=1e39), 'rope_theta'),
+                      (dict(peak_flops=1e39), 'peak_flops')]:
+        with pytest.raises(ValueError, match=rf'{field}.*float32'): T.check_train_config(TrainConfig(**kw))
+    T.check_train_config(TrainConfig(lr=1e30, rope_theta=1e30))  # large is fine while it fits
+    with pytest.raises(ValueError, match='float32'): train(cfg_for(shards, tmp_path / 'run', lr=1e39))
+    assert not (tmp_path / 'run').exists()
+
+
+def _tamper_state(ck, **fields):
+    "Rewrite entries of state.json and recompute the checksums (what a hand edit with sha256 recomputed does)."
+    import hashlib
+    doc = json.loads((ck / 'state.json').read_text()); doc.update(fields)
+    (ck / 'state.json').write_text(json.dumps(doc))
+    info = json.loads((ck / 'complete.json').read_text())
+    info['sha256']['state.json'] = hashlib.sha256((ck / 'state.json').read_bytes()).hexdigest()
+    (ck / 'complete.json').write_text(json.dumps(info))
+
+
+def test_tampered_state_schema_is_a_clear_error(shards, tmp_path):
+    "A state.json with a NaN step or a model_config that QwenConfig rejects is 'unreadable', naming the file."
+    train(cfg_for(shards, tmp_path / 'run', stop_at_step=2))
+    ck = latest_checkpoint(tmp_path / 'run' / 'ckpt')
+    good = (ck / 'state.json').read_text(), (ck / 'complete.json').read_text()
+    for fields in (dict(step={'__float__': 'nan'}), dict(step=-1), dict(step='2'), dict(step=True),
+                   dict(model_config={'__items__': [[1, 2]]}), dict(model_config={'hidden_sise': 32}),
+                   dict(model_config={'hidden_size': 'x'}), dict(model_config=[1]), dict(config=[1]),
+                   dict(optimizer=None), dict(rng={'python': 1}), dict(batch_size=-3)):
+        _tamper_state(ck, **fields)
+        with pytest.raises(ValueError, match=r'step_000002 holds an unreadable training state.*--resume-from'):
+            train(cfg_for(shards, tmp_path / 'run', resume=True))
+        if 'model_config' in fields or 'step' in fields:
+            with pytest.raises(ValueError, match='unreadable training state'): T.load_trained_model(tmp_path / 'run')
+        (ck / 'state.json').write_text(good[0]); (ck / 'complete.json').write_text(good[1])
+    assert train(cfg_for(shards, tmp_path / 'run', resume=True)).step == 6
+
+
+def test_run_cli_reports_network_errors(capsys):
+    "An offline dataset download (ConnectionError, TimeoutError) is a one-line error, exit 1."
+    for exc in (ConnectionError('cannot reach the hub for nonexist/dataset; check the network'), TimeoutError('timed out')):
+        def fn(argv, exc=exc): raise exc
+        assert T.run_cli(fn, [], prog='qwen-edu data') == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f'qwen-edu data: error: {exc}') and 'Traceback' not in err
+
+
+def test_refused_or_diverged_resume_keeps_train_config(shards, tmp_path, monkeypatch):
+    "train_config.json keeps describing the run that wrote the checkpoints: a refused or diverged resume leaves it."
+    import qwen_edu.config
+    run = tmp_path / 'run'
+    train(cfg_for(shards, run, stop_at_step=2))
+    before = (run / 'train_config.json').read_text()
+    with pytest.raises(ValueError, match='float32'): train(cfg_for(shards, run, resume=True, lr=1e39, allow_config_change='lr'))
+    with pytest.raises(ValueError, match='lr: 0.003 -> 0.5'): train(cfg_for(shards, run, resume=True, lr=0.5))
+    with monkeypatch.context() as m:
+        m.setattr(qwen_edu.config, 'available_memory', lambda device='cpu': 10_000)
+        with pytest.raises(MemoryError): train(cfg_for(shards, run, resume=True))
+    assert (run / 'train_config.json').read_text() == before
+    real = T.lm_loss
+    monkeypatch.setattr(T, 'lm_loss', lambda out, y, aux_coef=0.0, reduction='mean': real(out, y, aux_coef, reduction) * float('nan'))
+    with pytest.raises(FloatingPointError, match='step_000002'):
+        train(cfg_for(shards, run, resume=True, lr=0.5, allow_config_change='lr'))
+    assert (run / 'train_config.json').read_text() == before
+    monkeypatch.undo()
+    r = train(cfg_for(shards, run, resume=True, lr=0.001, allow_config_change='lr'))  # a resume that saves updates it
+    assert r.step == 6 and json.loads((run / 'train_config.json').read_text())['lr'] == 0.001
+
+
+def test_device_cuda_index(shards, tmp_path):
+    "--device cuda:N is accepted like chat's; without CUDA it is a clear error before anything is written."
+    for d in ('auto', 'cpu', 'cuda', 'cuda:0', 'cuda:3'): T.check_train_config(TrainConfig(device=d))
+    for d in ('gpu', 'cuda:', 'cuda:x', 'cuda:-1', 'cuda0'):
+        with pytest.raises(ValueError, match='device must be'): T.check_train_config(TrainConfig(device=d))
+    if torch.cuda.is_available(): pytest.skip('a GPU is visible')
+    for d in ('cuda', 'cuda:0'):
+        with pytest.raises(ValueError, match=rf'--device {d} but torch has no CUDA device here; use --device cpu'):
+            train(cfg_for(shards, tmp_path / 'run', device=d))
+    assert not (tmp_path / 'run').exists()
