@@ -33,6 +33,7 @@ def run(path, flags=()):
             fl = cell_flags(cell)
             skip = [f for f in ('slow', 'cuda', 'eval: false') if f in fl and f not in flags]
             if skip: continue
+            cell.outputs = []  # execnb keeps a cell's old outputs when the new run prints nothing
             sh.cell(cell)
             if sh.exc:
                 print(f"{path.name}: cell {i} failed:\n{cell.source[:400]}\n", file=sys.stderr)
