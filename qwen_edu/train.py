@@ -849,6 +849,8 @@ def train_cli(argv=None):
     cfg = TrainConfig(**vars(train_parser().parse_args(argv)))
     try:
         r = train(cfg)
+        # every rank finished: meet before the teardown (a rank tearing down while another is still in a gloo op aborts it)
+        if torch.distributed.is_initialized(): torch.distributed.barrier()
         if int(os.environ.get('RANK', '0')) == 0:
             fmt = lambda v, f='.4f': 'n/a' if v is None else format(v, f)
             print(f"step {r.step}: train loss {fmt(r.train_loss)}, val loss {fmt(r.val_loss)} "
