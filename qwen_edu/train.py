@@ -641,7 +641,7 @@ def _finished(cfg, out, step, stop, path, raw, mc, rank):
                        mfu=get('mfu', tr), checkpoint=path, plot=plot if plot.exists() else None, model=raw, model_config=mc)
 
 # %% ../nbs/10_train.ipynb #ebead43e
-def check_train_memory(cfg: TrainConfig, mc, device: torch.device, rank=0, world=1):
+def check_train_memory(cfg: TrainConfig, mc, device: torch.device, rank=0, world=1, what='training'):
     "Refuse (NotEnoughMemoryError, on every rank) a run whose estimated memory exceeds what rank 0's device has free."
     if not cfg.memory_check or (cfg.fsdp and world > 1): return None  # FSDP shards what the estimate counts whole
     import qwen_edu.config as C
@@ -652,7 +652,7 @@ def check_train_memory(cfg: TrainConfig, mc, device: torch.device, rank=0, world
         share = int(os.environ.get('LOCAL_WORLD_SIZE', world)) if device.type == 'cpu' else 1
         try: est = C.check_fits(mc, cfg.batch_size, cfg.seq_len, device=str(device), name=cfg.preset,
                                 available=C.available_memory(str(device)) // share if share > 1 else None,
-                                autocast_dtype='bf16' if bf16 else None, grad_accum=cfg.grad_accum)
+                                autocast_dtype='bf16' if bf16 else None, grad_accum=cfg.grad_accum, what=what)
         except MemoryError as e: err = e
     if world > 1:
         refused = torch.tensor([int(err is not None)], device=device)
