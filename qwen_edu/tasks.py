@@ -303,6 +303,18 @@ class SandboxUnavailableError(SandboxError):
 
 _setup_lock, _setup = threading.Lock(), {}
 
+def _remove_stale_snapshots(tmp=None):
+    "Delete our uid's interpreter snapshots whose process is gone (a SIGKILL skips atexit); return how many."
+    tmp, n = Path(tmp or tempfile.gettempdir()), 0
+    for d in tmp.glob('qwen_edu_python_*_*'):
+        pid = d.name.split('_')[3]
+        try:
+            if not pid.isdigit() or d.is_symlink() or d.stat().st_uid != os.geteuid(): continue
+            os.kill(int(pid), 0); continue  # that process still runs: its snapshot is in use
+        except ProcessLookupError: shutil.rmtree(d, ignore_errors=True); n += 1
+        except OSError: continue
+    return n
+
 def _bwrap_setup():
     "Find bubblewrap and prepare the read-only view of the interpreter (once per process): a dict, 'why' set on failure."
     if not sys.platform.startswith('linux'): return {'why': f"there are no Linux namespaces on {sys.platform}"}
@@ -318,7 +330,8 @@ def _bwrap_setup():
     # one world-readable snapshot (hard links) of the interpreter, its stdlib and the libraries they load, mounted
     # read-only as /opt/python: one mount is much faster than one per library, and the sandbox's unprivileged host uid
     # need not be able to reach the originals (e.g. under /root); removed when this process exits
-    snap = tempfile.mkdtemp(prefix='qwen_edu_python_'); os.chmod(snap, 0o755)
+    _remove_stale_snapshots()  # left by processes that were killed before their atexit ran
+    snap = tempfile.mkdtemp(prefix=f'qwen_edu_python_{os.getpid()}_'); os.chmod(snap, 0o755)
     atexit.register(shutil.rmtree, snap, True)
     _snapshot(pairs, snap)
     mounts, ld_path = ['--ro-bind', snap, _PY], [f"{_PY}/{libdir}"]

@@ -345,3 +345,14 @@ def test_parallel_calls():
     for t in ts: t.start()
     for t in ts: t.join()
     assert out == [f"{i * i}\n" for i in range(6)]
+
+
+def test_snapshots_of_killed_processes_are_removed(tmp_path):
+    "A snapshot left by a process killed before its atexit ran is deleted; a live process's and a foreign name are kept."
+    import subprocess, sys
+    from qwen_edu.tasks import _remove_stale_snapshots
+    p = subprocess.Popen([sys.executable, '-c', 'pass']); p.wait()  # a pid that no longer runs
+    dead, live, other = tmp_path / f'qwen_edu_python_{p.pid}_x', tmp_path / f'qwen_edu_python_{os.getpid()}_y', tmp_path / 'qwen_edu_python_z'
+    for d in (dead, live, other): (d / 'lib').mkdir(parents=True)
+    assert _remove_stale_snapshots(tmp_path) == 1
+    assert not dead.exists() and live.exists() and other.exists()
