@@ -294,7 +294,7 @@ def seccomp_filter(machine=None):
     jump = lambda i, t: 0 if t in (None, 0) else labels[t] - i - 1
     return b''.join(struct.pack('=HBBI', c, jump(i, jt), jump(i, jf), k) for i, (c, jt, jf, k) in enumerate(prog))
 
-# %% ../nbs/11_tasks.ipynb #bc733054
+# %% ../nbs/11_tasks.ipynb #332dac45
 UNSAFE_ENV = 'QWEN_EDU_ALLOW_UNSAFE_SANDBOX'
 _SANDBOX_UID = 65534  # 'nobody', inside the sandbox and, when we start it as root, on the host too
 
@@ -351,6 +351,7 @@ def _bwrap_setup():
     return {'bwrap': bwrap, 'unshare': unshare, 'seccomp': seccomp_filter(), 'cat': shutil.which('cat'), 'mounts': mounts,
             'ld_path': ':'.join(ld_path)}
 
+# %% ../nbs/11_tasks.ipynb #18b71f80
 def _userns(s):
     "As root: a fresh user namespace in which only uid/gid 65534 exists, mapped to 65534 on the host (an fd to it)."
     holder = subprocess.Popen([s['unshare'], '--user', '--', s['cat']], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -405,6 +406,7 @@ def _pid1(info_fd):
     except (OSError, KeyError): pass
     os.close(fd); return None
 
+# %% ../nbs/11_tasks.ipynb #f535205a
 def _run_bwrap(code, timeout, memory_mb, max_output_bytes, max_procs):
     s = _setup
     with tempfile.TemporaryDirectory(prefix='qwen_edu_sandbox_') as outer:
@@ -442,6 +444,7 @@ def _run_bwrap(code, timeout, memory_mb, max_output_bytes, max_procs):
             if pid1 is not None: os.close(pid1)
         return _finish(ready_r, rc, timed_out, t0, out_p, err_p, max_output_bytes)
 
+# %% ../nbs/11_tasks.ipynb #192f1703
 MAX_TIMEOUT_S = 86400      # one day
 MIN_MEMORY_MB = 32         # the interpreter needs about 16 MB of address space to start and import the stdlib
 MAX_MEMORY_MB = 2**20      # 1 TiB
