@@ -10,6 +10,7 @@ import os, datetime
 from contextlib import nullcontext
 import torch
 import torch.nn as nn
+from .checkpoint import unique_state_dict
 
 # %% ../nbs/A2_distributed.ipynb #6461b8c8
 def init_distributed(device='auto'):
