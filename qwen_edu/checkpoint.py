@@ -7,8 +7,8 @@ __all__ = ['CKPT_FILES', 'unique_state_dict', 'rng_state', 'set_rng_state', 'sav
            'save_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'verify_checkpoint', 'load_checkpoint',
            'read_metrics', 'truncate_metrics', 'plot_losses']
 
-# %% ../nbs/A1_checkpoint.ipynb #8b7fd34d
-import hashlib, json, math, os, random, re, shutil
+# %% ../nbs/A1_checkpoint.ipynb #05537b17
+import hashlib, json, math, os, random, re, shutil, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -256,7 +256,7 @@ def plot_losses(metrics, path, baseline=None, title=None):
     if title: ax.set_title(title)
     fig.tight_layout(); fig.savefig(path); return Path(path)
 
-# %% ../nbs/A1_checkpoint.ipynb #32890db1
+# %% ../nbs/A1_checkpoint.ipynb #5851adaf
 def _load_weights(raw, sd):
     "Load a checkpoint's weights (a dropped tied alias is fine, anything else missing or mis-sized is an error)."
     kept = set(unique_state_dict(raw))

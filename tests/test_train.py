@@ -9,6 +9,8 @@ from qwen_edu.data import write_shards, ByteTokenizer
 from qwen_edu.train import (TrainConfig, train, lr_at, param_groups, evaluate, unigram_baseline, token_byte_lengths,
                             read_metrics, latest_checkpoint, verify_checkpoint, list_checkpoints, train_parser)
 import qwen_edu.train as T
+import qwen_edu.checkpoint as CK
+import qwen_edu.engine as E
 
 VOCAB = 64
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -81,14 +83,14 @@ def test_stop_and_resume_is_bit_exact(shards, tmp_path):
 
 def test_crash_during_checkpoint_keeps_latest(shards, tmp_path, monkeypatch):
     "A failure inside the 2nd checkpoint write leaves `latest` on the 1st, which resumes to the same losses."
-    calls = {'n': 0}; real_save = T.save_state
+    calls = {'n': 0}; real_save = CK.save_state
     def flaky_save(*a, **k):
         calls['n'] += 1
         if calls['n'] == 2: raise OSError('simulated crash mid-write')
         return real_save(*a, **k)
-    monkeypatch.setattr(T, 'save_state', flaky_save)
+    monkeypatch.setattr(CK, 'save_state', flaky_save)
     with pytest.raises(OSError, match='simulated crash'): train(cfg_for(shards, tmp_path / 'run'))
-    monkeypatch.setattr(T, 'save_state', real_save)
+    monkeypatch.setattr(CK, 'save_state', real_save)
     ckpt = tmp_path / 'run' / 'ckpt'
     assert latest_checkpoint(ckpt).name == 'step_000002' and verify_checkpoint(latest_checkpoint(ckpt))['step'] == 2
     assert (ckpt / 'ckpt_tmp').exists()  # the debris of the crash, ignored and cleaned by the next save
@@ -307,7 +309,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pat
 def test_run_cut_before_its_first_checkpoint_restarts(shards, tmp_path, monkeypatch, capsys):
     "No checkpoint yet: --resume says to run without it, and running without it starts again (same losses as a clean run)."
     def killed(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr(T, 'save_checkpoint', killed)
+    monkeypatch.setattr(E, 'save_checkpoint', killed)
     with pytest.raises(KeyboardInterrupt): train(cfg_for(shards, tmp_path / 'run'))
     monkeypatch.undo()
     assert read_metrics(tmp_path / 'run' / 'metrics.jsonl')  # it had logged steps, but saved nothing
