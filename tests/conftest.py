@@ -9,3 +9,8 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    "The `cuda` marker: tests that need a CUDA GPU (they skip without one); `pytest -m cuda` runs them (scripts/gpu_check.sh)."
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`')
