@@ -1,10 +1,11 @@
-"Tests of qwen_edu.data: shards round-trip, loader determinism, bad input, and the pipeline pieces."
+"Tests of the qwen_edu.data package: shards round-trip, loader determinism, bad input, the pipeline pieces, the layout."
 import hashlib, json, os
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from qwen_edu import data as D
+from qwen_edu.data import shards as S
 
 
 # ---------------------------------------------------------------- shards and loader
@@ -54,15 +55,15 @@ def _snapshot(d):
 
 def test_write_shards_failure_midway_keeps_the_old_set(tmp_path, monkeypatch):
     D.write_shards(tmp_path, {'train': np.arange(100), 'val': np.arange(10)}, 1000, 0)
-    before, real = _snapshot(tmp_path), D._write_temp
+    before, real = _snapshot(tmp_path), S._write_temp
     def disk_full_on_val(path, fn):
         if Path(path).name == 'val.bin': raise OSError('disk full')
         return real(path, fn)
-    monkeypatch.setattr(D, '_write_temp', disk_full_on_val)
+    monkeypatch.setattr(S, '_write_temp', disk_full_on_val)
     with pytest.raises(OSError, match='disk full'):
         D.write_shards(tmp_path, {'train': np.arange(200), 'val': np.arange(20)}, 1000, 0)
     assert _snapshot(tmp_path) == before                      # old train.bin kept with its val.bin and meta.json
-    monkeypatch.setattr(D, '_write_temp', real)
+    monkeypatch.setattr(S, '_write_temp', real)
     D.write_shards(tmp_path, {'train': np.arange(200), 'val': np.arange(20)}, 1000, 0)
     assert len(D.open_tokens(tmp_path, 'train')) == 200 and len(D.open_tokens(tmp_path, 'val')) == 20
 
@@ -126,8 +127,8 @@ def test_open_tokens_catches_size_and_dtype_edits(tmp_path):
 
 def test_open_tokens_verifies_sha256_once_and_again_after_a_change(tmp_path, monkeypatch):
     ids = _shards(tmp_path)
-    calls, real = [], D._scan_shard
-    monkeypatch.setattr(D, '_scan_shard', lambda p, dt, **kw: calls.append(Path(p).name) or real(p, dt, **kw))
+    calls, real = [], S._scan_shard
+    monkeypatch.setattr(S, '_scan_shard', lambda p, dt, **kw: calls.append(Path(p).name) or real(p, dt, **kw))
     np.testing.assert_array_equal(D.open_tokens(tmp_path, 'train'), ids['train'])
     assert calls == []                                                # write_shards already recorded its hashes
     (tmp_path/'.verified.json').unlink()
@@ -147,7 +148,7 @@ def test_open_tokens_verifies_sha256_once_and_again_after_a_change(tmp_path, mon
 def test_open_tokens_without_a_writable_dir_still_verifies(tmp_path, monkeypatch):
     ids = _shards(tmp_path)
     (tmp_path/'.verified.json').unlink()
-    monkeypatch.setattr(D, '_stamp_paths', lambda d: [Path('/proc/no/such/dir/.verified.json')])
+    monkeypatch.setattr(S, '_stamp_paths', lambda d: [Path('/proc/no/such/dir/.verified.json')])
     np.testing.assert_array_equal(D.open_tokens(tmp_path, 'val'), ids['val'])   # no stamp written: hashed every time
 
 
@@ -543,3 +544,106 @@ def test_data_cli(tmp_path, capsys):
     assert D.parse_size('4M') == 4_000_000 and D.parse_size('500k') == 500_000
     with pytest.raises(ValueError, match="like 4000000"):
         D.parse_size('lots')
+
+
+# ---------------------------------------------------------------- the package layout
+_MODULES = ('shards', 'sources', 'quality', 'dedup', 'decontam')
+
+
+def test_every_public_name_is_importable_from_the_package():
+    "`from qwen_edu.data import X` works for every public name of every module (and is the same object)."
+    import importlib
+    for m in _MODULES:
+        mod = importlib.import_module(f'qwen_edu.data.{m}')
+        assert mod.__all__, m
+        for n in mod.__all__:
+            assert n in D.__all__ and getattr(D, n) is getattr(mod, n), (m, n)
+    for n in ('build_corpus', 'data_cli', 'load_tokenizer', 'prepare_builtin_data', 'train_builtin_tokenizer'):
+        assert n in D.__all__ and callable(getattr(D, n))
+    assert not (Path(D.__file__).parent.parent / 'data.py').exists()   # the old single module is gone
+
+
+def test_data_modules_import_in_one_direction():
+    "shards imports none of its siblings; sources/quality/dedup/decontam import at most shards; nothing imports upward."
+    import ast
+    pkg = Path(D.__file__).parent
+    allowed = {'shards': set(), **{m: {'shards'} for m in _MODULES[1:]}}
+    for m, ok in allowed.items():
+        tree = ast.parse((pkg / f'{m}.py').read_text())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                name = ('.' * node.level) + (node.module or '')
+                if name.startswith('.') and not name.startswith('..'): used.add(name.lstrip('.') or '__init__')
+                elif name.startswith('qwen_edu.data'): used.add(name[len('qwen_edu.data.'):] or '__init__')
+                elif name.startswith('..') or name.startswith('qwen_edu'):   # the rest of qwen_edu: only lower layers
+                    assert name.lstrip('.').replace('qwen_edu.', '') in ('tokenizer', ''), (m, name)
+        assert used <= ok, f"qwen_edu/data/{m}.py imports {used - ok}"
+
+
+def test_data_package_imports_nothing_above_it():
+    "A fresh interpreter importing qwen_edu.data loads no training, pipeline or model module."
+    import subprocess, sys
+    code = ("import sys, qwen_edu.data\n"
+            "print(sorted(m for m in sys.modules if m.startswith('qwen_edu.') and not m.startswith('qwen_edu.data')))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == '[]', r.stdout
+
+
+# ---------------------------------------------------------------- the built-in data, prepared once
+def test_train_builtin_tokenizer_agrees_with_tokenizers(tmp_path):
+    "The saved tokenizer.json loads in HF `tokenizers` and encodes exactly as ours; the figures match the pipeline's."
+    from tokenizers import Tokenizer
+    from qwen_edu.tokenizer import BPETokenizer, QWEN_SPECIAL_TOKENS
+    res = D.train_builtin_tokenizer(tmp_path / 'tok', vocab_size=400, corpus_size=150_000, seed=1)
+    assert set(res) == {'tokenizer', 'vocab_size', 'corpus_bytes', 'bytes_per_token_sample'}
+    assert res['vocab_size'] == 400 and Path(res['tokenizer']).is_absolute() and 140_000 < res['corpus_bytes'] < 170_000
+    ours = BPETokenizer.from_hf(res['tokenizer'])
+    hf = Tokenizer.from_file(str(Path(res['tokenizer']) / 'tokenizer.json'))
+    assert ours.eos_id == 400 - len(QWEN_SPECIAL_TOKENS) == hf.token_to_id('<|endoftext|>')
+    for text in ['def f(x):\n    return x + 1\n', 'Solve 3x + 4 = 10. Answer: 2', 'héllo wörld 你好 <|im_start|>']:
+        assert hf.encode(text).ids == ours.encode(text, allowed_special='all'), text
+    with pytest.raises(ValueError, match='above 278'): D.train_builtin_tokenizer(tmp_path / 't2', vocab_size=200)
+    with pytest.raises(ValueError, match='above 278'): D.train_builtin_tokenizer(tmp_path / 't2', vocab_size='8192')
+
+
+def test_prepare_builtin_data_builds_once(tmp_path, monkeypatch):
+    import time
+    calls, real = [], D.build_corpus
+    monkeypatch.setattr(D, 'build_corpus', lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    kw = dict(vocab_size=400, corpus_size=150_000, seed=0)
+    d = D.prepare_builtin_data(tmp_path / 'b', **kw)
+    assert d == tmp_path / 'b' / 'data' and len(calls) == 1
+    meta = D.read_meta(d)
+    assert meta['vocab_size'] == 400 and Path(meta['tokenizer']) == (tmp_path / 'b' / 'tokenizer').resolve()
+    assert len(D.open_tokens(d, 'train')) > 10_000 and len(D.open_tokens(d, 'val')) > 0
+    stamp = json.loads((tmp_path / 'b' / 'built.json').read_text())
+    assert stamp['params'] == dict(vocab_size=400, corpus_size=150_000, seed=0)
+    t0 = time.perf_counter()
+    assert D.prepare_builtin_data(tmp_path / 'b', vocab_size=400, corpus_size='150K') == d
+    assert time.perf_counter() - t0 < 0.5 and len(calls) == 1           # found, not rebuilt
+    with pytest.raises(ValueError, match='pass another root, or delete'):
+        D.prepare_builtin_data(tmp_path / 'b', vocab_size=512, corpus_size=150_000)
+    # a build cut before its stamp (here: the stamp removed, shards left) is built again, and the stamp comes last
+    (tmp_path / 'b' / 'built.json').unlink()
+    assert D.prepare_builtin_data(tmp_path / 'b', **kw) == d and len(calls) == 2
+    (d / 'meta.json').unlink()                                          # stamped but the shards deleted: rebuilt
+    assert D.prepare_builtin_data(tmp_path / 'b', **kw) == d and len(calls) == 3 and D.read_meta(d)['vocab_size'] == 400
+
+
+def test_prepare_builtin_data_concurrent_callers_build_once(tmp_path):
+    "Two processes asking at once (two torchrun ranks): one builds, the other waits for it; both get the shards."
+    import subprocess, sys
+    code = ("import sys, qwen_edu.data as D\n"
+            "calls = []; real = D.build_corpus\n"
+            "D.build_corpus = lambda *a, **kw: calls.append(1) or real(*a, **kw)\n"
+            "d = D.prepare_builtin_data(sys.argv[1], vocab_size=400, corpus_size=120_000)\n"
+            "print(len(calls), len(D.open_tokens(d, 'train')))\n")
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    ps = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'b')], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in ps]
+    assert all(p.returncode == 0 for p in ps), [e[-2000:] for _, e in outs]
+    res = [tuple(map(int, o.split())) for o, _ in outs]
+    assert sorted(r[0] for r in res) == [0, 1] and res[0][1] == res[1][1] > 0
