@@ -8,7 +8,7 @@ import dataclasses, math, os
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['PRESETS', 'QWEN25_SIZES', 'QwenConfig', 'normalize_rope_scaling', 'count_params', 'flops_per_token',
+__all__ = ['PRESETS', 'QWEN25_SIZES', 'MOE_PRESETS', 'QwenConfig', 'normalize_rope_scaling', 'count_params', 'flops_per_token',
            'activation_bytes_per_token', 'estimate_train_memory', 'fmt_bytes', 'measure_train_peak',
            'NotEnoughMemoryError', 'available_memory', 'check_fits', 'preset_table', 'params_cli']
 
@@ -94,10 +94,6 @@ class QwenConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> QwenConfig:
         "The config of a named preset (see `PRESETS`), with fields replaced by `overrides`."
-        if name not in PRESETS and name not in _loaded_extra_presets:
-            _loaded_extra_presets.add(name)
-            try: import qwen_edu.moe  # noqa: F401  (the MoE chapter registers its presets on import)
-            except ImportError: pass
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
@@ -129,8 +125,6 @@ class QwenConfig:
     def flops_per_token(self, seq_len: int) -> float:
         "Training FLOPs per token (forward + backward): 6N + 12 * layers * heads * head_dim * seq_len."
         return flops_per_token(self, seq_len)
-
-_loaded_extra_presets = set()
 
 # %% ../nbs/03_config.ipynb #77f4668a
 def normalize_rope_scaling(rope_scaling: dict) -> dict:
@@ -182,6 +176,29 @@ PRESETS: dict[str, dict] = {
                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None),
 }
 QWEN25_SIZES = ['qwen2.5-0.5b', 'qwen2.5-1.5b', 'qwen2.5-3b', 'qwen2.5-7b', 'qwen2.5-14b', 'qwen2.5-32b', 'qwen2.5-72b']
+# the mixture-of-experts presets (chapter 08 explains them); plain data here, so no module needs to add them later
+MOE_PRESETS: dict[str, dict] = {
+    # Qwen1.5-MoE-A2.7B (config.json as released): 60 experts of 1408 (a 5632 FFN cut in 4), top-4, shared 5632
+    'qwen1.5-moe-a2.7b': dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192,
+                              rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
+                              eos_token_id=151643, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632, norm_topk_prob=False, decoder_sparse_step=1,
+                              router_aux_loss_coef=0.001),
+    # Qwen2-57B-A14B (config.json as released): 64 experts of 2560, top-8, shared 20480
+    'qwen2-57b-a14b': dict(vocab_size=151936, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
+                           eos_token_id=151643, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
+                           shared_expert_intermediate_size=20480, norm_topk_prob=False, decoder_sparse_step=1,
+                           router_aux_loss_coef=0.001),
+    # edu-tiny with its 688-wide FFN replaced by 16 experts of 88 (688/8, rounded to a multiple of 8), top-4, plus a
+    # shared expert of 336: activated FFN width 4*88 + 336 = 688, as dense; stored width 16*88 + 336 = 1744 (2.5x)
+    'edu-moe-tiny': dict(PRESETS['edu-tiny'], num_experts=16, num_experts_per_tok=4, moe_intermediate_size=88,
+                         shared_expert_intermediate_size=336, norm_topk_prob=False, decoder_sparse_step=1,
+                         router_aux_loss_coef=0.001),
+}
+PRESETS.update(MOE_PRESETS)
 
 # %% ../nbs/03_config.ipynb #ba68aa1c
 def count_params(cfg: QwenConfig, non_embedding: bool = False, active: bool = False) -> int:

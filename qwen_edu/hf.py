@@ -13,9 +13,10 @@ from .config import QwenConfig
 from .model import QwenForCausalLM
 
 # %% auto #0
-__all__ = ['HF_ARCHITECTURES', 'IGNORED_HF_TENSORS', 'LAYOUT_CONVERTERS', 'MODEL_FILE_PATTERNS', 'config_from_hf', 'config_to_hf',
+__all__ = ['HF_ARCHITECTURES', 'IGNORED_HF_TENSORS', 'MODEL_FILE_PATTERNS', 'config_from_hf', 'config_to_hf',
            'state_dict_from_hf', 'state_dict_to_hf', 'check_tensors', 'resolve_checkpoint', 'read_json',
-           'safetensors_files', 'read_safetensors', 'load_weights', 'from_hf', 'to_hf']
+           'safetensors_files', 'read_safetensors', 'moe_state_dict_from_hf', 'moe_state_dict_to_hf', 'load_weights',
+           'from_hf', 'to_hf']
 
 # %% ../nbs/06_hf.ipynb #8c1b5612
 HF_ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM', 'qwen2_moe': 'Qwen2MoeForCausalLM'}  # model_type -> class name
@@ -75,19 +76,15 @@ def config_to_hf(cfg: QwenConfig, dtype: torch.dtype = torch.float32) -> dict:
 # %% ../nbs/06_hf.ipynb #5d787ce4
 IGNORED_HF_TENSORS = re.compile(r'.*rotary_emb\.inv_freq$')  # computed buffers some old checkpoints saved
 
-LAYOUT_CONVERTERS: list = []  # objects with .to_ours(tensors, cfg) and .to_hf(tensors, cfg); the MoE chapter adds one
-
 def state_dict_from_hf(tensors: dict, cfg: QwenConfig) -> dict:
-    "HF checkpoint tensors -> our state_dict names/layouts (identity for dense Qwen2, minus computed buffers)."
+    "HF checkpoint tensors -> our state_dict names/layouts (identity for dense Qwen2 minus computed buffers; MoE experts stacked)."
     sd = {k: v for k, v in tensors.items() if not IGNORED_HF_TENSORS.match(k)}
     if cfg.tie_word_embeddings: sd.pop('lm_head.weight', None)
-    for conv in LAYOUT_CONVERTERS: sd = conv.to_ours(sd, cfg)
-    return sd
+    return moe_state_dict_from_hf(sd) if cfg.num_experts else sd
 
 def state_dict_to_hf(sd: dict, cfg: QwenConfig) -> dict:
-    "Our state_dict -> the tensors of an HF checkpoint (a tied head is stored once, as the embedding)."
-    sd = dict(sd)
-    for conv in reversed(LAYOUT_CONVERTERS): sd = conv.to_hf(sd, cfg)
+    "Our state_dict -> the tensors of an HF checkpoint (a tied head is stored once, as the embedding; MoE experts one by one)."
+    sd = moe_state_dict_to_hf(sd) if cfg.num_experts else dict(sd)
     if cfg.tie_word_embeddings: sd.pop('lm_head.weight', None)
     return sd
 
@@ -189,6 +186,61 @@ class _LazyTensor:
     def load(self) -> torch.Tensor:
         with safe_open(str(self.file), framework='pt') as h: return h.get_tensor(self.name)
     def __repr__(self): return f"_LazyTensor({self.file.name}:{self.name} {tuple(self.shape)})"
+
+# %% ../nbs/06_hf.ipynb #b7c3e9a1
+_EXPERT_KEY = re.compile(r'^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$')
+
+class _StackedExperts(_LazyTensor):
+    "A lazy (E, ...) tensor assembled from per-expert checkpoint tensors when loaded."
+    def __init__(self, parts: list, gate_up: bool):
+        self.parts, self.gate_up = parts, gate_up  # gate_up: parts are [gates..., ups...], concatenated on dim 1
+        self.name = 'stacked experts'
+        s = tuple(parts[0].shape)
+        E = len(parts) // 2 if gate_up else len(parts)
+        self.shape = torch.Size((E, 2 * s[0], s[1]) if gate_up else (E, *s))
+
+    def load(self) -> torch.Tensor:
+        ts = [p.load() if isinstance(p, _LazyTensor) else p for p in self.parts]
+        if not self.gate_up: return torch.stack(ts)
+        E = len(ts) // 2
+        return torch.cat([torch.stack(ts[:E]), torch.stack(ts[E:])], dim=1)
+
+def moe_state_dict_from_hf(sd: dict) -> dict:
+    "Per-expert HF names (`mlp.experts.{e}.{gate,up,down}_proj.weight`) -> stacked `gate_up_proj` / `down_proj`."
+    groups, out = {}, {}
+    for k, v in sd.items():
+        m = _EXPERT_KEY.match(k)
+        if m: groups.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = (k, v)
+        else: out[k] = v
+    for prefix, g in groups.items():
+        n = {kind: len(g.get(kind, {})) for kind in ('gate', 'up', 'down')}
+        E = max(n.values())
+        missing = [f"{prefix}.{e}.{kind}_proj.weight" for kind in n for e in range(E) if e not in g.get(kind, {})]
+        if missing: raise ValueError(f"checkpoint misses expert tensors: {', '.join(missing[:6])}")
+        gu = [g['gate'][e][1] for e in range(E)] + [g['up'][e][1] for e in range(E)]
+        down = [g['down'][e][1] for e in range(E)]
+        lazy = any(isinstance(t, _LazyTensor) for t in gu + down)
+        out[f"{prefix}.gate_up_proj"] = _StackedExperts(gu, True) if lazy else _StackedExperts(gu, True).load()
+        out[f"{prefix}.down_proj"] = _StackedExperts(down, False) if lazy else torch.stack(down)
+    return out
+
+def moe_state_dict_to_hf(sd: dict) -> dict:
+    "Stacked `mlp.experts.gate_up_proj` / `down_proj` -> per-expert HF names; a zero routing bias is dropped."
+    out = {}
+    for k, v in sd.items():
+        if k.endswith('.mlp.experts.gate_up_proj'):
+            p, I = k.removesuffix('.gate_up_proj'), v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{p}.{e}.gate_proj.weight"], out[f"{p}.{e}.up_proj.weight"] = v[e, :I], v[e, I:]
+        elif k.endswith('.mlp.experts.down_proj'):
+            p = k.removesuffix('.down_proj')
+            for e in range(v.shape[0]): out[f"{p}.{e}.down_proj.weight"] = v[e]
+        elif k.endswith('.mlp.expert_bias'):
+            if bool(v.any()):
+                raise ValueError(f"{k} is non-zero: Qwen2-MoE checkpoints have no routing bias, so a model trained "
+                                 f"with bias balancing cannot be saved in HF format; save its state_dict instead")
+        else: out[k] = v
+    return out
 
 # %% ../nbs/06_hf.ipynb #9d9c78f5
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,

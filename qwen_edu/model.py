@@ -9,36 +9,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from .config import QwenConfig
 from .rope import rope_parameters, rope_cos_sin, apply_rope, dual_chunk_attention
+from .layers import RMSNorm, QwenMLP
+from .moe import QwenSparseMoeBlock, load_balancing_loss
 
 # %% auto #0
-__all__ = ['RMSNorm', 'QwenMLP', 'KVCache', 'repeat_kv', 'eager_attention', 'sdpa_attention', 'QwenAttention', 'QwenDecoderLayer',
+__all__ = ['KVCache', 'repeat_kv', 'eager_attention', 'sdpa_attention', 'QwenAttention', 'QwenDecoderLayer',
            'build_attention_mask', 'default_position_ids', 'CausalLMOutput', 'RopeInputs', 'QwenModel', 'bad_labels',
-           'check_labels', 'check_inputs', 'CrossEntropy', 'causal_lm_loss', 'QwenForCausalLM']
-
-# %% ../nbs/05_model.ipynb #8f3a1064
-class RMSNorm(nn.Module):
-    "Root-mean-square layer norm, computed in float32 and cast back before scaling by `weight`."
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-# %% ../nbs/05_model.ipynb #0e6f033f
-class QwenMLP(nn.Module):
-    "SwiGLU feed-forward: down(silu(gate(x)) * up(x))."
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+           'check_labels', 'check_inputs', 'CrossEntropy', 'next_token_targets', 'causal_lm_loss', 'loss_chunk_size',
+           'ChunkedLinearCrossEntropy', 'chunked_causal_lm_loss', 'QwenForCausalLM']
 
 # %% ../nbs/05_model.ipynb #345ef8f9
 class KVCache:
@@ -151,11 +132,8 @@ class QwenDecoderLayer(nn.Module):
     def __init__(self, config: QwenConfig, layer_idx: int):
         super().__init__()
         self.self_attn = QwenAttention(config, layer_idx)
-        if config.is_moe_layer(layer_idx):
-            from qwen_edu.moe import QwenSparseMoeBlock
-            self.mlp = QwenSparseMoeBlock(config)
-        else:
-            self.mlp = QwenMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = (QwenSparseMoeBlock(config) if config.is_moe_layer(layer_idx)
+                    else QwenMLP(config.hidden_size, config.intermediate_size))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -172,7 +150,8 @@ def build_attention_mask(attention_mask, T: int, past: int, device, document_ids
     """(mask (B, 1, T, S) or None, is_causal) for T new tokens after `past` cached ones and a (B, S) 0/1 padding mask;
     `document_ids` (B, T) (packed rows, no cache) also hides the keys of other documents: block-diagonal causal."""
     S = past + T
-    if document_ids is None and (attention_mask is None or bool(attention_mask.all())):
+    all_ones = attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all()))
+    if document_ids is None and all_ones:  # (compiled: a padding mask is always built, no value is read back)
         if past == 0: return None, T > 1
         if T == 1: return None, False
         attention_mask = None
@@ -190,7 +169,7 @@ def default_position_ids(attention_mask, T: int, past: int, device):
 @dataclass
 class CausalLMOutput:
     "What `QwenForCausalLM.forward` returns."
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor | None  # (B, T, vocab); None with return_logits=False
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100 (+ router aux loss)
     past_key_values: KVCache | None = None  # the cache, when use_cache
     aux_loss: torch.Tensor | None = None  # unscaled load-balancing loss (MoE models), else None
@@ -215,13 +194,14 @@ class QwenModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([QwenDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self._inv_freq = {}  # device -> float32 RoPE frequencies (not a buffer: never cast to bf16, never meta)
-        with torch.device('cpu'): self.attention_scaling = rope_parameters(config)[1]  # cos/sin multiplier (YaRN)
+        self.activation_checkpointing = False  # recompute each block in the backward (set_activation_checkpointing)
+        # float32 RoPE frequencies: not a buffer (never cast to bf16, never meta), copied once to each device used
+        with torch.device('cpu'): self._inv_freq_cpu, self.attention_scaling = rope_parameters(config)
+        self._inv_freq = {}  # device -> frequencies
 
     def inv_freq(self, device) -> torch.Tensor:
         "The float32 RoPE inverse frequencies on `device` (computed once per device from the config)."
-        if device not in self._inv_freq:
-            with torch.device('cpu'): self._inv_freq[device] = rope_parameters(self.config)[0].to(device)
+        if device not in self._inv_freq: self._inv_freq[device] = self._inv_freq_cpu.to(device)
         return self._inv_freq[device]
 
     def rope_inputs(self, position_ids, dtype, attention_mask, cache):
@@ -245,8 +225,10 @@ class QwenModel(nn.Module):
         rope = self.rope_inputs(position_ids, x.dtype, attention_mask, cache)
         mask, is_causal = (None, False) if rope.cos is None else build_attention_mask(attention_mask, T, past, x.device, document_ids)
         router_logits = []
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            x, r = layer(x, rope, mask, is_causal, cache)
+            if recompute: x, r = checkpoint(layer, x, rope, mask, is_causal, None, use_reentrant=False)
+            else: x, r = layer(x, rope, mask, is_causal, cache)
             if r is not None: router_logits.append(r)
         return self.norm(x), tuple(router_logits)
 
@@ -284,14 +266,15 @@ def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: 
                          f"({config.max_position_embeddings}); truncate the input or use a config with a longer context")
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-    lo, hi = torch.aminmax(input_ids)
-    bad = (lo < 0) | (hi >= config.vocab_size)
-    if labels is not None: bad = bad | bad_labels(labels, config.vocab_size).any()
-    if bad:  # the one value read back per forward (a host sync on CUDA), for the ids and the labels together
-        if lo < 0 or hi >= config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {config.vocab_size}), got min {int(lo)} max {int(hi)}; "
-                             "does the tokenizer match the model's vocab_size?")
-        check_labels(labels, config.vocab_size)
+    if not torch.compiler.is_compiling():  # compiled: no value is read back (no host sync, no graph break)
+        lo, hi = torch.aminmax(input_ids)
+        bad = (lo < 0) | (hi >= config.vocab_size)
+        if labels is not None: bad = bad | bad_labels(labels, config.vocab_size).any()
+        if bad:  # the one value read back per eager forward (a host sync on CUDA), for the ids and labels together
+            if lo < 0 or hi >= config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {config.vocab_size}), got min {int(lo)} max {int(hi)}; "
+                                 "does the tokenizer match the model's vocab_size?")
+            check_labels(labels, config.vocab_size)
     if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
         raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}")
     if position_ids is not None and (position_ids.ndim != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B)):
@@ -323,12 +306,64 @@ class CrossEntropy(torch.autograd.Function):
         g.scatter_add_(1, tgt[:, None], torch.full_like(g[:, :1], -1.0))  # - one_hot
         return g.mul_((valid * (grad / n))[:, None]).to(logits.dtype), None
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, check: bool = True) -> torch.Tensor:
+def next_token_targets(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    "The target of every position, (B*T,): labels shifted left by one and padded with -100 (`shift=False`: labels as they are)."
+    return (F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels).reshape(-1)
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, check: bool = True, shift: bool = True) -> torch.Tensor:
     """Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100 (labels are shifted, logits not copied); 0 when none is counted.
-    A label outside [0, vocab) other than -100 is a ValueError (`check=False`: the caller checked, as `QwenForCausalLM` does)."""
+    `shift=False`: labels[:, t] is already the target of position t. A label outside [0, vocab) other than -100 is a
+    ValueError (`check=False`: the caller checked, as `QwenForCausalLM` does)."""
     if check: check_labels(labels, logits.shape[-1])
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+    return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), next_token_targets(labels, shift))
+
+# %% ../nbs/05_model.ipynb #c4a11e55
+def loss_chunk_size(vocab_size: int, budget_bytes: int = 2**27) -> int:
+    "Tokens per chunk so that one chunk's float32 logits take at most `budget_bytes` (128 MB: 220 tokens at 151,936)."
+    return max(1, budget_bytes // (4 * vocab_size))
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `h @ weight.T` (h (N, H), weight (V, H)) against `target` (N,) (-100: ignored), summed and
+    divided by `n`, `chunk` rows at a time; the gradients are computed per chunk in the forward, no (N, V) tensor is kept."""
+    @staticmethod
+    def forward(ctx, h, weight, target, n, chunk: int, grads: bool):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.zeros_like(h) if grads else None  # dL/dh, (N, H)
+        gw = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # dL/dW, (V, H), accumulated in fp32
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], target[s:s + chunk]
+            valid, tgt = tc != -100, tc.clamp(min=0)
+            logits = (hc @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, freed with the chunk
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + torch.where(valid, lse - logits.gather(1, tgt[:, None])[:, 0], 0.0).sum()
+            if grads:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g.scatter_add_(1, tgt[:, None], torch.full_like(g[:, :1], -1.0))  # - one_hot
+                g = g.mul_((valid / n)[:, None]).to(h.dtype)  # dL/dlogits of the chunk
+                gh[s:s + chunk] = g @ weight
+                gw += g.t() @ hc
+        ctx.weight_dtype = weight.dtype
+        if grads: ctx.save_for_backward(gh, gw)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw = ctx.saved_tensors
+        return gh * grad.to(gh.dtype), (gw * grad).to(ctx.weight_dtype), None, None, None, None
+
+def chunked_causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shift: bool = True,
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """`causal_lm_loss(h @ weight.T, labels, shift=shift)` without the (B, T, V) logits: hidden states h (B, T, H) and
+    the head's weight (V, H), `chunk_size` tokens at a time (default `loss_chunk_size(V)`); autocast-aware like `lm_head`."""
+    target = next_token_targets(labels, shift)
+    h = h.reshape(-1, h.shape[-1])
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):  # the product in the autocast dtype, as nn.Linear would run it
+        dt = torch.get_autocast_dtype(dev)
+        h, weight = h.to(dt), weight.to(dt)
+    n = (target != -100).sum().clamp(min=1)  # counted tokens (0 counted: loss 0, gradient 0), never read back
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return ChunkedLinearCrossEntropy.apply(h, weight, target, n, chunk_size or loss_chunk_size(weight.shape[0]), grads)
 
 # %% ../nbs/05_model.ipynb #af5fa1e3
 class QwenForCausalLM(nn.Module):
@@ -341,6 +376,11 @@ class QwenForCausalLM(nn.Module):
         self.apply(self._init_weights)
         if config.tie_word_embeddings: self.lm_head.weight = self.model.embed_tokens.weight
 
+    @classmethod
+    def from_config(cls, config: QwenConfig, device=None) -> QwenForCausalLM:
+        "Build on `device`; on 'meta' nothing is allocated or drawn (any size, instantly): then `to_empty` + `init_weights`."
+        with torch.device(device if device is not None else torch.get_default_device()): return cls(config)
+
     def _init_weights(self, m):
         "normal(0, initializer_range) for linear/embedding weights, zero biases, ones for norms (as transformers)."
         std = self.config.initializer_range
@@ -349,27 +389,51 @@ class QwenForCausalLM(nn.Module):
             if getattr(m, 'bias', None) is not None: nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm): nn.init.ones_(m.weight)
 
+    @torch.no_grad()
+    def init_weights(self) -> QwenForCausalLM:
+        """Initialise every weight as the constructor does, drawing the same random numbers in the same order (so
+        `from_config(c, 'meta').to_empty(device='cpu').init_weights()` equals `QwenForCausalLM(c)` under one seed)."""
+        if self.config.tie_word_embeddings:  # the constructor draws a head of its own before tying it: draw one to drop
+            self.lm_head.weight = nn.Parameter(torch.empty_like(self.lm_head.weight))
+        for m in self.modules():  # module order is construction order: each module's own default init first
+            if hasattr(m, 'reset_parameters'): m.reset_parameters()
+        self.apply(self._init_weights)
+        if self.config.tie_word_embeddings: self.lm_head.weight = self.model.embed_tokens.weight
+        return self
+
     def set_attn_implementation(self, name: str):
         "Use 'sdpa' (fused, default) or 'eager' (readable reference) attention in every layer."
         if name not in ('sdpa', 'eager'): raise ValueError(f"attn implementation must be 'sdpa' or 'eager', got {name!r}")
         for layer in self.model.layers: layer.self_attn.attn_implementation = name
         return self
 
+    def set_activation_checkpointing(self, on: bool = True):
+        "Keep only each block's input in training and recompute the block in the backward (less memory, ~1/3 more compute)."
+        self.model.activation_checkpointing = bool(on)
+        return self
+
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                logits_to_keep: int = 0, document_ids=None) -> CausalLMOutput:
+                logits_to_keep: int = 0, document_ids=None, return_logits: bool = True,
+                shift_labels: bool = True) -> CausalLMOutput:
         """Logits (B, T, V) (only the last `logits_to_keep` positions if > 0); loss when `labels`; the cache when `use_cache`.
-        `document_ids` (B, T): packed rows, each token attends only to earlier tokens of the same document."""
+        `document_ids` (B, T): packed rows, each token attends only to earlier tokens of the same document.
+        `return_logits=False` (with labels): the loss in chunks, no (B, T, V) logits, `.logits` None.
+        `shift_labels=False`: labels[:, t] is the target of position t (default: labels[:, t+1], as transformers)."""
         if logits_to_keep and labels is not None: raise ValueError("logits_to_keep needs labels=None (the loss uses every position)")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False computes only the loss: pass labels (or keep return_logits=True)")
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = cache.seq_len if cache is not None else 0
         check_inputs(self.config, input_ids, labels, attention_mask, position_ids, past, self.lm_head.weight.device, document_ids)
         h, router_logits = self.model(input_ids, attention_mask, position_ids, cache, document_ids)
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = causal_lm_loss(logits, labels, check=False) if labels is not None else None  # check_inputs checked them
+        logits, loss = None, None
+        if return_logits:
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            if labels is not None: loss = causal_lm_loss(logits, labels, check=False, shift=shift_labels)  # checked above
+        else: loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, shift=shift_labels)
         aux = None
         if router_logits:
-            from qwen_edu.moe import load_balancing_loss
             mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
             aux = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok, mask)
             if loss is not None: loss = loss + self.config.router_aux_loss_coef * aux

@@ -4,43 +4,18 @@
 
 # %% ../nbs/08_moe.ipynb #d88f74e4
 from __future__ import annotations
-import math, re
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .config import QwenConfig, PRESETS
-from .model import QwenMLP
-from . import hf as _hf
+from .config import QwenConfig, MOE_PRESETS
+from .layers import QwenMLP
 
 # %% auto #0
-__all__ = ['MOE_PRESETS', 'DISPATCH', 'route', 'QwenExperts', 'dispatch_loop', 'expert_slots', 'dispatch_padded',
-           'grouped_mm_available', 'dispatch_grouped', 'check_moe_config', 'QwenSparseMoeBlock', 'load_balancing_loss',
-           'router_z_loss', 'moe_blocks', 'enable_bias_balancing', 'update_expert_bias', 'expert_load',
-           'reset_expert_load', 'moe_state_dict_from_hf', 'moe_state_dict_to_hf', 'ExpertLayoutConverter']
-
-# %% ../nbs/08_moe.ipynb #446df239
-MOE_PRESETS: dict[str, dict] = {
-    # Qwen1.5-MoE-A2.7B (config.json as released): 60 experts of 1408 (a 5632 FFN cut in 4), top-4, shared 5632
-    'qwen1.5-moe-a2.7b': dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-                              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192,
-                              rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
-                              eos_token_id=151643, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                              shared_expert_intermediate_size=5632, norm_topk_prob=False, decoder_sparse_step=1,
-                              router_aux_loss_coef=0.001),
-    # Qwen2-57B-A14B (config.json as released): 64 experts of 2560, top-8, shared 20480
-    'qwen2-57b-a14b': dict(vocab_size=151936, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                           num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
-                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
-                           eos_token_id=151643, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
-                           shared_expert_intermediate_size=20480, norm_topk_prob=False, decoder_sparse_step=1,
-                           router_aux_loss_coef=0.001),
-    # edu-tiny with its 688-wide FFN replaced by 16 experts of 88 (688/8, rounded to a multiple of 8), top-4, plus a
-    # shared expert of 336: activated FFN width 4*88 + 336 = 688, as dense; stored width 16*88 + 336 = 1744 (2.5x)
-    'edu-moe-tiny': dict(PRESETS['edu-tiny'], num_experts=16, num_experts_per_tok=4, moe_intermediate_size=88,
-                         shared_expert_intermediate_size=336, norm_topk_prob=False, decoder_sparse_step=1,
-                         router_aux_loss_coef=0.001),
-}
-PRESETS.update(MOE_PRESETS)  # QwenConfig.from_preset finds them (config imports this module on an unknown name)
+__all__ = ['DISPATCH', 'route', 'QwenExperts', 'dispatch_loop', 'count_per_expert', 'expert_slots', 'dispatch_padded',
+           'expert_dtype', 'grouped_mm_available', 'dispatch_grouped', 'check_moe_config', 'QwenSparseMoeBlock',
+           'load_balancing_loss', 'router_z_loss', 'moe_blocks', 'enable_bias_balancing', 'update_expert_bias',
+           'expert_load', 'reset_expert_load']
 
 # %% ../nbs/08_moe.ipynb #15b182ec
 def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = False, bias: torch.Tensor | None = None):
@@ -86,17 +61,24 @@ def dispatch_loop(x, weights, experts, ex: QwenExperts, capacity: int | None = N
     return out
 
 # %% ../nbs/08_moe.ipynb #c3e919ff
+def count_per_expert(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    "How many entries of `flat` name each expert, (E,) long: `bincount` with a fixed size (no host sync, compiles)."
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
 def expert_slots(experts: torch.Tensor, num_experts: int, capacity: int | None = None):
     """(slot (N*k,), pair (E*C,), C): the buffer row of each (token, slot) pair (E*C if dropped) and the pair of
-    each buffer row (N*k if it is padding); rows are expert-major, pairs token-major."""
+    each buffer row (N*k if it is padding); rows are expert-major, pairs token-major. Without a capacity C is the
+    busiest expert's count (read back: a host sync), or N when compiling (no sync; an expert takes a token once)."""
     flat = experts.reshape(-1)
     S = flat.numel()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = count_per_expert(flat, num_experts)
     starts = counts.cumsum(0) - counts
     pos = torch.empty_like(flat)
     pos[order] = torch.arange(S, device=flat.device) - starts[flat[order]]
-    C = int(counts.max()) if capacity is None else capacity
+    if capacity is not None: C = capacity
+    elif torch.compiler.is_compiling(): C = experts.shape[0]  # static: room for every token, nothing dropped
+    else: C = int(counts.max())
     slot = torch.where(pos < C, flat * C + pos, torch.full_like(flat, num_experts * C))
     pair = torch.full((num_experts * C + 1,), S, dtype=torch.long, device=flat.device)
     pair[slot] = torch.arange(S, device=flat.device)
@@ -139,29 +121,44 @@ def dispatch_padded(x, weights, experts, ex: QwenExperts, capacity: int | None =
     pairs = _FromExperts.apply(y, slot, pair).view(N, k, H)
     return torch.bmm(weights.to(x.dtype)[:, None, :], pairs)[:, 0]  # sum_j w[n, j] * pairs[n, j]
 
+def expert_dtype(x: torch.Tensor) -> torch.dtype:
+    "The dtype the expert matmuls run in: the autocast dtype when autocast is on for x's device, else x's dtype."
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+@torch.compiler.assume_constant_result
+def _cuda_sm80(index: int) -> bool:
+    "Whether CUDA device `index` is Ampere or newer (a constant, so it compiles without a graph break)."
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
 def grouped_mm_available(x: torch.Tensor, ex: QwenExperts) -> bool:
-    "Whether `F.grouped_mm` runs here: CPU or CUDA sm80+ in bfloat16, rows and pointers 16-byte aligned."
+    "Whether `F.grouped_mm` runs for x in `expert_dtype(x)`: CPU, or CUDA sm80+ in bfloat16; rows and pointers 16-byte aligned."
     if not hasattr(F, 'grouped_mm'): return False
-    size = x.element_size()
+    dt = expert_dtype(x)
+    size = dt.itemsize
     if (x.shape[-1] * size) % 16 or (ex.intermediate_size * size) % 16: return False
-    if any(t.data_ptr() % 16 for t in (ex.gate_up_proj, ex.down_proj)): return False
+    if (dt == ex.gate_up_proj.dtype and not torch.compiler.is_compiling()  # a cast copy is freshly allocated (aligned)
+            and any(t.data_ptr() % 16 for t in (ex.gate_up_proj, ex.down_proj))): return False
+    if dt != torch.bfloat16 and torch.compiler.is_compiling(): return False  # its compile-time shape rule wants bf16
     if x.device.type == 'cpu': return True
-    return (x.device.type == 'cuda' and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    return x.device.type == 'cuda' and dt == torch.bfloat16 and _cuda_sm80(x.device.index or 0)
 
 def dispatch_grouped(x, weights, experts, ex: QwenExperts, capacity: int | None = None):
-    "Routed-expert output (N, H): pairs sorted by expert, two grouped matmuls (padded `bmm` if unavailable/capacity)."
+    """Routed-expert output (N, H): pairs sorted by expert, two grouped matmuls in `expert_dtype(x)` (bfloat16 under
+    autocast); the padded `bmm` path if grouped_mm is unavailable or with a capacity."""
     if capacity is not None or not grouped_mm_available(x, ex): return dispatch_padded(x, weights, experts, ex, capacity)
+    dt = expert_dtype(x)  # autocast does not cast grouped_mm's inputs: we do, as it would for a matmul
+    x, w_gate_up, w_down = x.to(dt), ex.gate_up_proj.to(dt), ex.down_proj.to(dt)  # no-ops without autocast
     N, H = x.shape
     E, k = ex.num_experts, experts.shape[-1]
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)  # sorted row r holds pair order[r]
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=x.device)  # pair p sits in row inv[p]
-    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    offs = count_per_expert(flat, E).cumsum(0).to(torch.int32)
     xs = _ToExperts.apply(x, order, inv, k)  # (N*k, H)
-    g, u = F.grouped_mm(xs, ex.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    y = F.grouped_mm(F.silu(g) * u, ex.down_proj.transpose(1, 2), offs=offs)
+    g, u = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    y = F.grouped_mm(F.silu(g) * u, w_down.transpose(1, 2), offs=offs)
     pairs = _FromExperts.apply(y, inv, order).view(N, k, H)
     return torch.bmm(weights.to(x.dtype)[:, None, :], pairs)[:, 0]
 
@@ -179,6 +176,10 @@ def check_moe_config(config: QwenConfig):
 
 DISPATCH = {'grouped': dispatch_grouped, 'padded': dispatch_padded, 'loop': dispatch_loop}
 
+def _recomputing() -> bool:
+    "Whether a backward is running this forward again (activation checkpointing): the load is counted once, not twice."
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
 class QwenSparseMoeBlock(nn.Module):
     "Qwen2-MoE FFN: softmax top-k router over stacked routed experts, plus a sigmoid-gated shared expert."
     def __init__(self, config: QwenConfig):
@@ -194,6 +195,11 @@ class QwenSparseMoeBlock(nn.Module):
         self.register_buffer('expert_bias', None)  # (E,) routing bias, set by `enable_bias_balancing`
         self.register_buffer('tokens_per_expert', torch.zeros(config.num_experts), persistent=False)
 
+    def reset_parameters(self):
+        "Zero the load counters and the routing bias (the weights are their own modules' business)."
+        self.tokens_per_expert.zero_()
+        if self.expert_bias is not None: self.expert_bias.zero_()
+
     def capacity(self, n_tokens: int) -> int | None:
         "Tokens each expert may take (None: no limit)."
         if self.capacity_factor is None: return None
@@ -208,7 +214,7 @@ class QwenSparseMoeBlock(nn.Module):
         with torch.no_grad():
             if self.tokens_per_expert.is_meta or self.tokens_per_expert.device != x.device:  # built on meta: not loaded
                 self.tokens_per_expert = torch.zeros(self.num_experts, device=x.device)
-            self.tokens_per_expert += torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+            if not _recomputing(): self.tokens_per_expert += count_per_expert(experts.reshape(-1), self.num_experts)
         fn = DISPATCH.get(self.dispatch)
         if fn is None: raise ValueError(f"dispatch must be one of {sorted(DISPATCH)}, got {self.dispatch!r}")
         out = fn(h, weights, experts, self.experts, self.capacity(h.shape[0]))
@@ -266,66 +272,3 @@ def expert_load(model: nn.Module) -> torch.Tensor:
 def reset_expert_load(model: nn.Module):
     "Zero the per-expert token counters of every MoE block."
     for b in moe_blocks(model): b.tokens_per_expert.zero_()
-
-# %% ../nbs/08_moe.ipynb #cb81dfe8
-_EXPERT_KEY = re.compile(r'^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$')
-
-class _StackedExperts(_hf._LazyTensor):
-    "A lazy (E, ...) tensor assembled from per-expert checkpoint tensors when loaded."
-    def __init__(self, parts: list, gate_up: bool):
-        self.parts, self.gate_up = parts, gate_up  # gate_up: parts are [gates..., ups...], concatenated on dim 1
-        self.name = 'stacked experts'
-        s = tuple(parts[0].shape)
-        E = len(parts) // 2 if gate_up else len(parts)
-        self.shape = torch.Size((E, 2 * s[0], s[1]) if gate_up else (E, *s))
-
-    def load(self) -> torch.Tensor:
-        ts = [p.load() if isinstance(p, _hf._LazyTensor) else p for p in self.parts]
-        if not self.gate_up: return torch.stack(ts)
-        E = len(ts) // 2
-        return torch.cat([torch.stack(ts[:E]), torch.stack(ts[E:])], dim=1)
-
-def moe_state_dict_from_hf(sd: dict) -> dict:
-    "Per-expert HF names (`mlp.experts.{e}.{gate,up,down}_proj.weight`) -> stacked `gate_up_proj` / `down_proj`."
-    groups, out = {}, {}
-    for k, v in sd.items():
-        m = _EXPERT_KEY.match(k)
-        if m: groups.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = (k, v)
-        else: out[k] = v
-    for prefix, g in groups.items():
-        n = {kind: len(g.get(kind, {})) for kind in ('gate', 'up', 'down')}
-        E = max(n.values())
-        missing = [f"{prefix}.{e}.{kind}_proj.weight" for kind in n for e in range(E) if e not in g.get(kind, {})]
-        if missing: raise ValueError(f"checkpoint misses expert tensors: {', '.join(missing[:6])}")
-        gu = [g['gate'][e][1] for e in range(E)] + [g['up'][e][1] for e in range(E)]
-        down = [g['down'][e][1] for e in range(E)]
-        lazy = any(isinstance(t, _hf._LazyTensor) for t in gu + down)
-        out[f"{prefix}.gate_up_proj"] = _StackedExperts(gu, True) if lazy else _StackedExperts(gu, True).load()
-        out[f"{prefix}.down_proj"] = _StackedExperts(down, False) if lazy else torch.stack(down)
-    return out
-
-def moe_state_dict_to_hf(sd: dict) -> dict:
-    "Stacked `mlp.experts.gate_up_proj` / `down_proj` -> per-expert HF names; a zero routing bias is dropped."
-    out = {}
-    for k, v in sd.items():
-        if k.endswith('.mlp.experts.gate_up_proj'):
-            p, I = k.removesuffix('.gate_up_proj'), v.shape[1] // 2
-            for e in range(v.shape[0]):
-                out[f"{p}.{e}.gate_proj.weight"], out[f"{p}.{e}.up_proj.weight"] = v[e, :I], v[e, I:]
-        elif k.endswith('.mlp.experts.down_proj'):
-            p = k.removesuffix('.down_proj')
-            for e in range(v.shape[0]): out[f"{p}.{e}.down_proj.weight"] = v[e]
-        elif k.endswith('.mlp.expert_bias'):
-            if bool(v.any()):
-                raise ValueError(f"{k} is non-zero: Qwen2-MoE checkpoints have no routing bias, so a model trained "
-                                 f"with bias balancing cannot be saved in HF format; save its state_dict instead")
-        else: out[k] = v
-    return out
-
-class ExpertLayoutConverter:
-    "Hooks the per-expert <-> stacked mapping into `qwen_edu.hf.state_dict_from_hf` / `state_dict_to_hf`."
-    def to_ours(self, sd: dict, cfg: QwenConfig) -> dict: return moe_state_dict_from_hf(sd) if cfg.num_experts else sd
-    def to_hf(self, sd: dict, cfg: QwenConfig) -> dict: return moe_state_dict_to_hf(sd) if cfg.num_experts else sd
-
-if not any(type(c).__name__ == 'ExpertLayoutConverter' for c in _hf.LAYOUT_CONVERTERS):
-    _hf.LAYOUT_CONVERTERS.append(ExpertLayoutConverter())

@@ -278,8 +278,7 @@ def test_logits_to_keep():
 
 
 def test_moe_hook_builds_sparse_layers_and_adds_aux_loss(monkeypatch):
-    """The contract with qwen_edu.moe, checked with a stand-in module (the real one has its own tests)."""
-    import sys, types
+    """The contract with qwen_edu.moe, checked with stand-ins for its block and loss (the real ones have their own tests)."""
     calls = {}
 
     class FakeMoe(torch.nn.Module):
@@ -295,9 +294,9 @@ def test_moe_hook_builds_sparse_layers_and_adds_aux_loss(monkeypatch):
         calls['args'] = (len(router_logits), num_experts, top_k, attention_mask)
         return torch.stack([r.float().pow(2).mean() for r in router_logits]).sum()
 
-    fake = types.ModuleType('qwen_edu.moe')
-    fake.QwenSparseMoeBlock, fake.load_balancing_loss = FakeMoe, fake_lb
-    monkeypatch.setitem(sys.modules, 'qwen_edu.moe', fake)
+    import qwen_edu.model as model_mod
+    monkeypatch.setattr(model_mod, 'QwenSparseMoeBlock', FakeMoe)
+    monkeypatch.setattr(model_mod, 'load_balancing_loss', fake_lb)
     cfg = QwenConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, num_experts=6, num_experts_per_tok=2,
                      moe_intermediate_size=8, decoder_sparse_step=1, mlp_only_layers=[0], router_aux_loss_coef=0.01)

@@ -6,11 +6,10 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, AutoModelForCausal
 from safetensors import safe_open
 from qwen_edu.config import QwenConfig
 from qwen_edu.model import QwenForCausalLM
-from qwen_edu.hf import from_hf, to_hf, config_to_hf
+from qwen_edu.hf import from_hf, to_hf, config_to_hf, moe_state_dict_from_hf, moe_state_dict_to_hf
 from qwen_edu.moe import (QwenSparseMoeBlock, QwenExperts, route, dispatch_loop, dispatch_grouped, dispatch_padded,
-                          load_balancing_loss,
-                          router_z_loss, enable_bias_balancing, update_expert_bias, expert_load, moe_blocks,
-                          moe_state_dict_from_hf, moe_state_dict_to_hf, MOE_PRESETS)
+                          load_balancing_loss, router_z_loss, enable_bias_balancing, update_expert_bias, expert_load,
+                          moe_blocks, MOE_PRESETS, count_per_expert, expert_dtype, grouped_mm_available)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
