@@ -7,7 +7,7 @@ __all__ = ['token_logps', 'sequence_logps', 'dpo_loss', 'magnitude_mask', 'Onlin
            'dpo_metrics', 'make_dpo_optimizer', 'dpo_train', 'run_dpo']
 
 # %% ../nbs/14_dpo.ipynb #f46b51bb
-import math, random
+import dataclasses, math, random
 import torch
 import torch.nn.functional as F
 
@@ -114,6 +114,8 @@ from .reward import pair_batch
 
 def completion_logps(model, input_ids, attention_mask, completion_mask):
     "Summed log-probs of the completion tokens (completion_mask 1) of each row: (B, T) -> (B,)."
+    dev = next(model.parameters()).device
+    input_ids, attention_mask, completion_mask = (t.to(dev) for t in (input_ids, attention_mask, completion_mask))
     logits = model(input_ids, attention_mask=attention_mask).logits
     return sequence_logps(logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:])
 
@@ -130,12 +132,13 @@ def pair_logps(model, tokenizer, pairs, batch_size=64):
 def dpo_metrics(policy, tokenizer, pairs, ref_chosen, ref_rejected, beta=0.1):
     "Held-out DPO loss, mean implicit reward margin and preference accuracy."
     pc, pr = pair_logps(policy, tokenizer, pairs)
-    loss, cr, rr = dpo_loss(pc, pr, ref_chosen, ref_rejected, beta)
+    loss, cr, rr = dpo_loss(pc, pr, ref_chosen.to(pc.device), ref_rejected.to(pc.device), beta)
     return {'loss': loss.item(), 'margin': (cr - rr).mean().item(), 'accuracy': (cr > rr).float().mean().item()}
 
 def make_dpo_optimizer(policy, kind='adamw', lr=1e-4, base_model=None, reserve_p=0.1, alpha=1e-4, weight_decay=0.0, seed=0):
-    "AdamW, or an Online Merging AdamW ('ondare' / 'onties') whose task vector is policy - base_model."
-    if kind == 'adamw': return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
+    "AdamW (no decay on norms and biases), or an Online Merging AdamW ('ondare' / 'onties') whose task vector is policy - base_model."
+    from qwen_edu.engine import param_groups
+    if kind == 'adamw': return torch.optim.AdamW(param_groups(policy, weight_decay), lr=lr)
     if base_model is None: raise ValueError(f"optimizer {kind!r} needs base_model (the model before SFT) for the task vector")
     opt = OnlineMergingAdamW(policy.parameters(), lr=lr, weight_decay=weight_decay, mode=kind, reserve_p=reserve_p,
                              alpha=alpha, seed=seed)
@@ -143,37 +146,53 @@ def make_dpo_optimizer(policy, kind='adamw', lr=1e-4, base_model=None, reserve_p
     return opt
 
 def dpo_train(policy, tokenizer, pairs, ref_model=None, ref_logps=None, steps=100, batch_size=16, beta=0.1,
-              optimizer=None, lr=1e-4, clip=1.0, seed=0, eval_pairs=None, eval_every=20):
-    "DPO on `pairs` with a frozen reference (model or precomputed (chosen, rejected) logps); held-out metric history."
+              optimizer=None, lr=1e-4, clip=1.0, seed=0, eval_pairs=None, eval_every=20, device=None, dtype='auto',
+              compile=False):
+    """DPO on `pairs` with a frozen reference (model or precomputed (chosen, rejected) logps), on the engine; held-out
+    metric history. `optimizer`: an optimizer over `policy`'s parameters (e.g. `make_dpo_optimizer`), or a function
+    model -> optimizer (default AdamW at `lr`). The learning rate is constant."""
+    from qwen_edu.engine import fit, loop_config, init_distributed
     if not pairs: raise ValueError("dpo_train needs at least one preference pair")
-    if ref_logps is None:
-        if ref_model is None: raise ValueError("pass ref_model (frozen) or precomputed ref_logps")
-        ref_logps = pair_logps(ref_model, tokenizer, pairs)
+    if ref_logps is None and ref_model is None: raise ValueError("pass ref_model (frozen) or precomputed ref_logps")
+    cfg = loop_config(policy, steps, lr, device=device, dtype=dtype, compile=compile, seed=seed, weight_decay=0.0,
+                      grad_clip=clip, beta2=0.999, schedule='constant', eval_every=eval_every if eval_pairs else 0)
+    dev = init_distributed(cfg.device)[2]
+    policy.to(dev)
+    if ref_model is not None: ref_model.to(dev)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cfg = dataclasses.replace(cfg, lr=optimizer.param_groups[0]['lr'])  # the optimizer's own lr, held constant
+        make = lambda m: optimizer
+    else: make = optimizer or (lambda m: make_dpo_optimizer(m, 'adamw', lr=lr))
+    if ref_logps is None: ref_logps = pair_logps(ref_model, tokenizer, pairs)
+    ref_c, ref_r = (t.to(dev) for t in ref_logps)
     eval_ref = pair_logps(ref_model, tokenizer, eval_pairs) if eval_pairs and ref_model is not None else None
-    opt = optimizer or torch.optim.AdamW(policy.parameters(), lr=lr)
-    rng, hist = random.Random(seed), []
-    for step in range(steps + 1):
-        if eval_ref is not None and (step % eval_every == 0 or step == steps):
-            hist.append({'step': step, **dpo_metrics(policy, tokenizer, eval_pairs, *eval_ref, beta)})
-        if step == steps: break
-        policy.train()
-        idx = [rng.randrange(len(pairs)) for _ in range(batch_size)]
-        lp = completion_logps(policy, *pair_batch(tokenizer, [pairs[i] for i in idx]))
-        loss, _, _ = dpo_loss(lp[:batch_size], lp[batch_size:], ref_logps[0][idx], ref_logps[1][idx], beta)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), clip); opt.step()
-    policy.eval()
-    return hist
+    def batch_fn(i):
+        rng = random.Random(seed * 1_000_003 + i)
+        idx = torch.tensor([rng.randrange(len(pairs)) for _ in range(batch_size)])
+        return (*pair_batch(tokenizer, [pairs[j] for j in idx.tolist()]), idx)
+    def loss_fn(m, b):
+        ids, attn, comp, idx = b
+        lp = completion_logps(m, ids, attn, comp)
+        idx = idx.to(ref_c.device)
+        return dpo_loss(lp[:batch_size], lp[batch_size:], ref_c[idx], ref_r[idx], beta)[0]
+    ev = (lambda m: dpo_metrics(m, tokenizer, eval_pairs, *eval_ref, beta)) if eval_ref is not None else None
+    r = fit(policy, cfg, loss_fn, batch_fn, eval_fn=ev, eval_at_start=True, optimizer=make, desc='dpo')
+    return r.evals
 
 # %% ../nbs/14_dpo.ipynb #31d8fd18
 def run_dpo(model, tokenizer, out_dir=None, steps=120, base_model=None, optimizer='adamw', tasks=('arith', 'word'),
-            level=1, n_train=400, n_eval=100, k=4, batch_size=16, lr=1e-4, beta=0.1, seed=0):
-    "DPO stage for the pipeline: train `model` in place on its own checker-labelled pairs; a metrics dict."
+            level=1, n_train=400, n_eval=100, k=4, batch_size=16, lr=1e-4, beta=0.1, seed=0, device=None, dtype='auto',
+            compile=False):
+    "DPO stage for the pipeline: train `model` in place (on `device`, default where it is) on its own checker-labelled pairs; a metrics dict."
     import time
     from qwen_edu.reward import make_preference_pairs
     from qwen_edu.sft import save_stage, task_accuracy
     from qwen_edu.tasks import make_examples
+    from qwen_edu.engine import init_distributed
     t0 = time.time()
+    if device is not None:  # the optimizer below holds tensors shaped like the weights: built where they live
+        model.to(init_distributed(device)[2])
+        if base_model is not None: base_model.to(init_distributed(device)[2])
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters(): p.requires_grad_(False)
     train_pairs = make_preference_pairs(ref, tokenizer, make_examples(list(tasks), n_train, seed=seed + 20, level=level, split='train'), k=k, seed=seed)
@@ -182,7 +201,8 @@ def run_dpo(model, tokenizer, out_dir=None, steps=120, base_model=None, optimize
     acc_before = task_accuracy(model, tokenizer, heldout)
     opt = make_dpo_optimizer(model, optimizer, lr=lr, base_model=base_model, seed=seed)
     hist = dpo_train(model, tokenizer, train_pairs, ref_model=ref, steps=steps, batch_size=batch_size, beta=beta,
-                     optimizer=opt, seed=seed, eval_pairs=test_pairs, eval_every=max(1, steps // 4))
+                     optimizer=opt, seed=seed, eval_pairs=test_pairs, eval_every=max(1, steps // 4), device=device,
+                     dtype=dtype, compile=compile)
     metrics = {'stage': 'dpo', 'optimizer': optimizer, 'steps': steps, 'train_pairs': len(train_pairs),
                'heldout_pairs': len(test_pairs), 'heldout_margin_before': hist[0]['margin'],
                'heldout_margin_after': hist[-1]['margin'], 'heldout_pref_accuracy_before': hist[0]['accuracy'],

@@ -103,31 +103,33 @@ def pair_batch(tokenizer, pairs):
 
 @torch.no_grad()
 def evaluate_reward_model(rm, tokenizer, pairs, batch_size=64):
-    "(BT loss, accuracy) of the reward model on pairs."
+    "(BT loss, accuracy) of the reward model on pairs (run where the model is)."
     rm.eval(); rc, rr = [], []
+    dev = next(rm.parameters()).device
     for i in range(0, len(pairs), batch_size):
         ids, attn, _ = pair_batch(tokenizer, pairs[i:i + batch_size])
-        r = rm(ids, attn); n = len(pairs[i:i + batch_size])
+        r = rm(ids.to(dev), attn.to(dev)); n = len(pairs[i:i + batch_size])
         rc.append(r[:n]); rr.append(r[n:])
     rc, rr = torch.cat(rc), torch.cat(rr)
     return bt_loss(rc, rr).item(), preference_accuracy(rc, rr)
 
 def train_reward_model(rm, tokenizer, pairs, steps=100, batch_size=32, lr=1e-3, weight_decay=0.1, clip=1.0, seed=0,
-                       eval_pairs=None, eval_every=25):
-    "Train with the BT loss; history of (step, train loss, held-out loss, held-out accuracy)."
+                       eval_pairs=None, eval_every=25, device=None, dtype='auto', compile=False):
+    """Train with the BT loss on the engine (constant lr, AdamW without decay on norms and biases); history of
+    (step, train loss, held-out loss, held-out accuracy) at steps 0, eval_every, ... and `steps`."""
+    from qwen_edu.engine import fit, loop_config
     if not pairs: raise ValueError("train_reward_model needs at least one preference pair")
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=weight_decay)
-    rng, hist = random.Random(seed), []
-    for step in range(steps + 1):
-        if eval_pairs and (step % eval_every == 0 or step == steps):
-            hist.append((step, loss.item() if step else float('nan'), *evaluate_reward_model(rm, tokenizer, eval_pairs)))
-        if step == steps: break
-        rm.train()
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
-        ids, attn, _ = pair_batch(tokenizer, batch)
-        r = rm(ids, attn)
-        loss = bt_loss(r[:batch_size], r[batch_size:])
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), clip); opt.step()
-    rm.eval()
-    return hist
+    def batch_fn(i):
+        rng = random.Random(seed * 1_000_003 + i)
+        ids, attn, _ = pair_batch(tokenizer, [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)])
+        return ids, attn
+    def loss_fn(m, b):
+        r = m(*b)
+        return bt_loss(r[:batch_size], r[batch_size:])
+    cfg = loop_config(rm, steps, lr, device=device, dtype=dtype, compile=compile, seed=seed, weight_decay=weight_decay,
+                      grad_clip=clip, beta2=0.999, schedule='constant', eval_every=eval_every if eval_pairs else 0)
+    ev = (lambda m: dict(zip(('heldout_loss', 'heldout_accuracy'), evaluate_reward_model(m, tokenizer, eval_pairs)))) \
+        if eval_pairs else None
+    r = fit(rm, cfg, loss_fn, batch_fn, eval_fn=ev, eval_at_start=True, desc='reward')
+    loss_at = {h['step']: h['loss'] for h in r.history}
+    return [(e['step'], loss_at.get(e['step'], float('nan')), e['heldout_loss'], e['heldout_accuracy']) for e in r.evals]

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['ROLES', 'SYSTEM_PROMPT', 'CHAT_SPECIAL_TOKENS', 'check_messages', 'example_messages', 'tokenize_conversation',
            'assistant_mask', 'train_task_tokenizer', 'sft_batch', 'pack_conversations', 'lr_schedule', 'sft_train',
-           'prompt_ids', 'sample', 'decode_response', 'generate_responses', 'task_accuracy', 'rejection_sample',
-           'toy_model', 'pretrain_on_text', 'pretraining_texts', 'save_weights', 'load_weights', 'toy_models',
-           'save_stage', 'load_stage', 'run_sft']
+           'prompt_ids', 'sample', 'decode_response', 'model_device', 'generate_responses', 'task_accuracy',
+           'rejection_sample', 'toy_model', 'pretrain_on_text', 'pretraining_texts', 'save_weights', 'load_weights',
+           'toy_models', 'save_stage', 'load_stage', 'run_sft']
 
 # %% ../nbs/12_sft.ipynb #bc633b79
 import dataclasses, json, random, time
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from .tasks import Example, make_examples, score
 from .generate import generate
-from .train import lr_at
+from .engine import lr_at, init_distributed
 
 # %% ../nbs/12_sft.ipynb #8369f987
 ROLES = ('system', 'user', 'assistant', 'tool')
@@ -123,33 +123,30 @@ def lr_schedule(step, total, lr, warmup=10, final_ratio=0.1):
     return lr_at(step, total, lr, warmup_steps=warmup, min_lr_ratio=final_ratio, schedule='cosine')
 
 def sft_train(model, tokenizer, examples, steps=200, batch_size=32, lr=3e-3, weight_decay=0.1, clip=1.0, seed=0,
-              max_len=256, log_every=0, pack=False):
-    """Fine-tune `model` on the examples' chat conversations (loss on assistant tokens); the list of step losses.
-    Each step draws `batch_size` conversations (cut to `max_len`) and right-pads them, or with `pack` packs them into
-    rows of `max_len` with a block-diagonal mask (the same loss, fewer rows)."""
+              max_len=256, log_every=0, pack=False, device=None, dtype='auto', compile=False):
+    """Fine-tune `model` on the examples' chat conversations (loss on assistant tokens) with the engine
+    (`qwen_edu.engine.fit`); the list of step losses. Step i draws `batch_size` conversations (cut to `max_len`) with a
+    generator seeded by (seed, i) and right-pads them, or with `pack` packs them into rows of `max_len` with a
+    block-diagonal mask (the same loss, fewer rows). `device` (default: where the model is), `dtype`, `compile` as in
+    pre-training."""
+    from qwen_edu.engine import fit, loop_config
     if not examples: raise ValueError("sft_train needs at least one example")
     tokenized = [tokenize_conversation(tokenizer, example_messages(e)) if isinstance(e, Example)
                  else tokenize_conversation(tokenizer, e) for e in examples]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
-    rng, losses = random.Random(seed), []
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups: g['lr'] = lr_schedule(step, steps, lr)
+    def batch_fn(i):
+        rng = random.Random(seed * 1_000_003 + i)
         batch = [tokenized[rng.randrange(len(tokenized))] for _ in range(batch_size)]
         if pack:
-            x, y, pos, doc = pack_conversations([(i[:max_len], m[:max_len]) for i, m in batch], max_len, tokenizer.eos_id)
-            loss = model(x, labels=y, position_ids=pos, document_ids=doc).loss
-        else:
-            x, y, am = sft_batch(batch, tokenizer.eos_id, max_len)
-            loss = model(x, labels=y, attention_mask=am).loss
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip); opt.step()
-        losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1): print(f"step {step:4d} loss {loss.item():.4f}")
-    model.eval()
+            x, y, pos, doc = pack_conversations([(t[:max_len], m[:max_len]) for t, m in batch], max_len, tokenizer.eos_id)
+            return dict(input_ids=x, labels=y, position_ids=pos, document_ids=doc)
+        x, y, am = sft_batch(batch, tokenizer.eos_id, max_len)
+        return dict(input_ids=x, labels=y, attention_mask=am)
+    cfg = loop_config(model, steps, lr, device=device, dtype=dtype, compile=compile, seed=seed,
+                      weight_decay=weight_decay, grad_clip=clip, warmup_steps=min(10, steps // 2), schedule='cosine')
+    r = fit(model, cfg, loss_fn=lambda m, b: m(**b).loss, batch_fn=batch_fn, desc='sft')
+    losses = [h['loss'] for h in r.history]
+    if log_every:
+        for s in sorted({0, *range(0, steps, log_every), steps - 1}): print(f"step {s:4d} loss {losses[s]:.4f}")
     return losses
 
 # %% ../nbs/12_sft.ipynb #07de9b20
@@ -172,9 +169,13 @@ def decode_response(tokenizer, ids):
     if stop in ids: ids = ids[:ids.index(stop)]
     return tokenizer.decode(ids)
 
+def model_device(model) -> torch.device:
+    "The device of the model's parameters."
+    return next(model.parameters()).device
+
 def generate_responses(model, tokenizer, examples, n=1, temperature=1.0, max_new_tokens=24, seed=0, batch_size=64):
-    "`n` sampled response texts per example (a list of lists)."
-    g = torch.Generator().manual_seed(seed)
+    "`n` sampled response texts per example (a list of lists); sampling runs where the model is."
+    g = torch.Generator(model_device(model)).manual_seed(seed)
     stop = _special_id(tokenizer, '<|im_end|>')
     flat = [prompt_ids(tokenizer, e) for e in examples for _ in range(n)]
     outs = []
@@ -208,23 +209,22 @@ def toy_model(tokenizer, seed=0, hidden_size=128, layers=2):
     torch.manual_seed(seed)
     return QwenForCausalLM(cfg)
 
-def pretrain_on_text(model, tokenizer, texts, steps=200, batch_size=32, lr=3e-3, seq_len=96, seed=0):
-    "Plain next-token pre-training on `texts` joined by <|endoftext|> (random windows); the list of losses."
+def pretrain_on_text(model, tokenizer, texts, steps=200, batch_size=32, lr=3e-3, seq_len=96, seed=0, device=None,
+                     dtype='auto', compile=False):
+    "Plain next-token pre-training on `texts` joined by <|endoftext|> (random windows) with the engine; the list of losses."
+    from qwen_edu.engine import fit, loop_config
     ids = []
     for t in texts: ids += tokenizer.encode(t) + [tokenizer.eos_id]
     data = torch.tensor(ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    g, losses = torch.Generator().manual_seed(seed), []
-    model.train()
-    for step in range(steps):
-        for grp in opt.param_groups: grp['lr'] = lr_schedule(step, steps, lr)
+    if len(data) <= seq_len + 1: raise ValueError(f"the texts give {len(data)} tokens, fewer than seq_len + 2 = {seq_len + 2}")
+    def batch_fn(i):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=g)
         x = torch.stack([data[s:s + seq_len] for s in starts])
-        loss = model(x, labels=x).loss
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); losses.append(loss.item())
-    model.eval()
-    return losses
+        return dict(input_ids=x, labels=x)
+    cfg = loop_config(model, steps, lr, device=device, dtype=dtype, compile=compile, seed=seed, weight_decay=0.1,
+                      warmup_steps=min(10, steps // 2), schedule='cosine')
+    return [h['loss'] for h in fit(model, cfg, lambda m, b: m(**b).loss, batch_fn, desc='pretrain').history]
 
 def pretraining_texts(n=2000, tasks=('arith', 'word'), seed=100):
     "Task text without chat markup: the prompt followed by its worked solution."
@@ -288,14 +288,17 @@ def load_stage(model, out_dir, name):
     return json.loads(mp.read_text()) if mp.exists() else {}
 
 def run_sft(model, tokenizer, out_dir=None, steps=300, tasks=('arith', 'word'), level=1, n_train=2000, n_eval=100,
-            batch_size=16, lr=3e-3, seed=0):
-    "SFT stage for the pipeline: fine-tune `model` in place; metrics dict (held-out accuracy before/after, losses)."
+            batch_size=16, lr=3e-3, seed=0, device=None, dtype='auto', compile=False):
+    """SFT stage for the pipeline: fine-tune `model` in place (on `device`, default where it is); metrics dict
+    (held-out accuracy before/after, losses)."""
     _special_id(tokenizer, '<|im_start|>'); _special_id(tokenizer, '<|im_end|>')
     train_ex = make_examples(list(tasks), n_train, seed=seed, level=level, split='train')
     eval_ex = make_examples(list(tasks), n_eval, seed=seed + 1, level=level, split='test')
     t0 = time.time()
+    if device is not None: model.to(init_distributed(device)[2])
     before = task_accuracy(model, tokenizer, eval_ex)
-    losses = sft_train(model, tokenizer, train_ex, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    losses = sft_train(model, tokenizer, train_ex, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                       dtype=dtype, compile=compile)
     after = task_accuracy(model, tokenizer, eval_ex)
     metrics = {'stage': 'sft', 'tasks': list(tasks), 'level': level, 'steps': steps, 'heldout_accuracy_before': before,
                'heldout_accuracy_after': after, 'first_loss': losses[0], 'last_loss': losses[-1],

@@ -170,25 +170,11 @@ def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
                          max_new_tokens=4)
     assert {'heldout_accuracy_before', 'heldout_accuracy_after'} <= set(metrics)
     assert (tmp_path / 'grpo_model.safetensors').exists() and not list(tmp_path.glob('*.pt'))
-    # without the pipeline loaded, nothing is registered; with it, sft -> dpo -> grpo follow pretrain
-    monkeypatch.delitem(sys.modules, 'qwen_edu.pipeline', raising=False)
-    assert G.register_pipeline_stages() is False
-    stages = {}
-    def register_stage(name, fn, after=None):
-        items = [(k, v) for k, v in stages.items() if k != name]
-        pos = len(items) if after is None else [k for k, _ in items].index(after) + 1
-        items.insert(pos, (name, fn)); stages.clear(); stages.update(items)
-    fake = types.SimpleNamespace(register_stage=register_stage)
-    stages.update(tokenizer=None, data=None, pretrain=None, sample=None)
-    monkeypatch.setitem(sys.modules, 'qwen_edu.pipeline', fake)
-    assert G.register_pipeline_stages() is True and G.register_pipeline_stages() is True  # idempotent
-    assert list(stages) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
-    assert stages['sft'] is G.stage_sft and stages['grpo'] is G.stage_grpo
 
 
 def test_post_training_steps_scale_with_pretraining():
     import types
-    from qwen_edu.grpo import post_training_steps
+    from qwen_edu.pipeline import post_training_steps
     assert post_training_steps(types.SimpleNamespace(max_steps=120), 'sft') == 300
     assert post_training_steps(types.SimpleNamespace(max_steps=6), 'sft') == 15
     assert post_training_steps(types.SimpleNamespace(max_steps=1), 'grpo') == 2

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 import pytest
-from qwen_edu.pipeline import (PipelineConfig, run_pipeline, pipeline_cli, register_stage, STAGES, format_report,
+from qwen_edu.pipeline import (PipelineConfig, run_pipeline, pipeline_cli, STAGES, format_report,
                                prepare_builtin_data)
 
 TINY = '{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}'
@@ -44,14 +44,13 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
     assert not (tmp_path / 'r').exists()
 
 
-def test_register_stage_places_post_training_after_pretrain():
-    saved = dict(STAGES)
-    try:
-        STAGES.clear(); STAGES.update({k: saved[k] for k in ('tokenizer', 'data', 'pretrain', 'sample')})
-        register_stage('sft', lambda cfg, ctx: {}, after='pretrain')
-        assert list(STAGES) == ['tokenizer', 'data', 'pretrain', 'sft', 'sample']
-    finally:
-        STAGES.clear(); STAGES.update(saved)
+def test_stages_are_named_explicitly_in_pipeline_order():
+    "No import-time registration: the pipeline module lists its stages, and importing it needs no other module first."
+    import subprocess, sys
+    assert list(STAGES) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
+    code = "import qwen_edu.pipeline as P, sys\nprint(','.join(P.STAGES))"
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
 
 
 def test_prepare_builtin_data_builds_once(tmp_path):
@@ -62,21 +61,12 @@ def test_prepare_builtin_data_builds_once(tmp_path):
     assert (d / 'train.bin').stat().st_mtime_ns == mtime
 
 
-def test_post_training_stages_register_whatever_the_import_order():
-    import subprocess, sys
-    code = ("import qwen_edu.grpo\nimport qwen_edu.pipeline as P\nP.load_post_training_stages()\n"
-            "print(','.join(P.STAGES))")
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
-
-
 def test_rerunning_a_stage_makes_the_later_ones_stale(tmp_path, monkeypatch):
     import qwen_edu.pipeline as P
     calls = []
     def stage(name):
         def fn(cfg, ctx): calls.append(name); return {'n': len(calls)}
         return fn
-    monkeypatch.setattr(P, 'load_post_training_stages', lambda: None)
     monkeypatch.setattr(P, 'STAGES', {k: stage(k) for k in ('a', 'b', 'c')})
     cfg = PipelineConfig(out=str(tmp_path / 'run'), stages='a,b')
     run_pipeline(cfg); assert calls == ['a', 'b']
@@ -154,7 +144,7 @@ def test_edu_tiny_passes_and_the_memory_check_can_be_skipped(tmp_path, monkeypat
     (dict(train_overrides={'hidden_size': 100}), 'divisible by num_attention_heads'),
     (dict(train_overrides={'schedule': 'linear'}), 'schedule must be'),
     (dict(train_overrides=[1, 2]), '--train-overrides must be a JSON object'),
-    pytest.param(dict(train_overrides={'device': 'cuda'}), "device 'cuda' but no GPU is visible",
+    pytest.param(dict(device='cuda'), "--device 'cuda' but no GPU is visible",
                  marks=pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='a GPU is visible')),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, kw, msg):
@@ -175,7 +165,6 @@ def test_bad_run_directory_is_refused(tmp_path, capsys):
 
 def test_done_and_report_json_are_strict_json_even_with_nan(tmp_path, monkeypatch):
     import qwen_edu.pipeline as P
-    monkeypatch.setattr(P, 'load_post_training_stages', lambda: None)
     monkeypatch.setattr(P, 'STAGES', {'a': lambda cfg, ctx: {'loss': float('nan'), 'hi': float('inf'),
                                                              'nested': {'x': [1.0, float('-inf')]}, 'ok': 0.5}})
     run = tmp_path / 'run'
