@@ -5,8 +5,7 @@
 # %% auto #0
 __all__ = ['POST_TRAINING_STEPS', 'STAGES', 'finite', 'PipelineConfig', 'stage_tokenizer', 'stage_data', 'pipeline_warmup',
            'pretrain_config', 'stage_pretrain', 'stage_sample', 'post_training_steps', 'stage_sft', 'stage_dpo',
-           'stage_grpo', 'validate_pipeline', 'strict_json_text', 'run_pipeline', 'format_report',
-           'prepare_builtin_data', 'pipeline_cli']
+           'stage_grpo', 'validate_pipeline', 'strict_json_text', 'run_pipeline', 'format_report', 'pipeline_cli']
 
 # %% ../nbs/16_pipeline.ipynb #1e247964
 import dataclasses, json, math, os, sys, time, typing
@@ -48,15 +47,8 @@ class PipelineConfig:
 # %% ../nbs/16_pipeline.ipynb #df02e2a8
 def stage_tokenizer(cfg: PipelineConfig, ctx):
     "Train the byte-level BPE (vocab_size including Qwen's 22 control tokens) on the built-in corpus."
-    from qwen_edu.data import builtin_documents
-    from qwen_edu.tokenizer import BPETokenizer, QWEN_SPECIAL_TOKENS
-    texts = [d['text'] for d in builtin_documents(cfg.corpus_size, seed=cfg.seed)]
-    tok = BPETokenizer.train(texts, cfg.vocab_size, special_tokens=list(QWEN_SPECIAL_TOKENS))
-    path = tok.save_hf(cfg.run_dir / 'tokenizer')
-    n_bytes = sum(len(t.encode()) for t in texts)
-    n_tok = sum(len(ids) for ids in tok.encode_batch(texts[:200], disallowed_special=()))
-    return dict(tokenizer=str(Path(path).resolve()), vocab_size=tok.vocab_size, corpus_bytes=n_bytes,
-                bytes_per_token_sample=round(sum(len(t.encode()) for t in texts[:200]) / n_tok, 3))
+    from qwen_edu.data import train_builtin_tokenizer
+    return train_builtin_tokenizer(cfg.run_dir / 'tokenizer', cfg.vocab_size, cfg.corpus_size, cfg.seed)
 
 def stage_data(cfg: PipelineConfig, ctx):
     "Filter, dedup, decontaminate and tokenise the built-in corpus into train/val shards (qwen_edu.data)."
@@ -297,13 +289,6 @@ def format_report(ctx, run_dir):
         if 'task_prompt' in sm: L.append(f"             (post-trained) {sm['task_prompt']!r} -> {sm['task_answer']!r} "
                                          f"({'correct' if sm['task_correct'] else 'wrong'})")
     return '\n'.join(L)
-
-# %% ../nbs/16_pipeline.ipynb #5c2e5cd5
-def prepare_builtin_data(root='runs/builtin', **kw):
-    "Tokenizer + shards of the built-in corpus under `root` (built once); returns the shard directory."
-    cfg = PipelineConfig(out=str(root), stages='tokenizer,data', progress=False, **kw)
-    ctx = run_pipeline(cfg)
-    return Path(ctx['data']['data'])
 
 # %% ../nbs/16_pipeline.ipynb #7d0333e5
 def pipeline_cli(argv=None):

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['MODEL_FIELDS', 'RESUME_FIELDS', 'F32_MAX', 'USER_ERRORS', 'TrainConfig', 'allowed_changes', 'check_train_config',
-           'load_shards', 'resolve_data', 'unigram_baseline', 'lm_loss', 'evaluate', 'token_byte_lengths',
-           'load_tokenizer_for', 'TrainResult', 'build_model_config', 'check_resume', 'check_train_memory', 'train',
-           'load_trained_model', 'train_parser', 'train_cli', 'run_cli']
+           'load_shards', 'resolve_data', 'unigram_baseline', 'lm_loss', 'next_token_loss', 'evaluate',
+           'token_byte_lengths', 'load_tokenizer_for', 'TrainResult', 'build_model_config', 'check_resume',
+           'check_train_memory', 'train', 'load_trained_model', 'train_parser', 'train_cli', 'run_cli']
 
 # %% ../nbs/10_train.ipynb #ffaec37d
 import builtins, dataclasses, hashlib, json, math, os, random, re, shutil, sys, time, typing, warnings
@@ -150,7 +150,7 @@ def load_shards(data_dir):
 def resolve_data(data):
     "The shard directory for `--data`: 'builtin' is prepared (once) under runs/builtin."
     if data == 'builtin':
-        from qwen_edu.pipeline import prepare_builtin_data
+        from qwen_edu.data import prepare_builtin_data
         return prepare_builtin_data()
     return Path(data)
 
@@ -169,6 +169,11 @@ def lm_loss(out, y, aux_coef=0.0, reduction='mean'):
     aux = getattr(out, 'aux_loss', None)
     if aux is not None and aux_coef and reduction == 'mean': loss = loss + aux_coef * aux
     return loss
+
+def next_token_loss(model, x, y):
+    """Mean cross-entropy of `model`'s next-token predictions on inputs `x` against targets `y` (already shifted),
+    plus the MoE aux loss, computed in chunks of tokens: the (B, T, V) fp32 logits are never held (chapter 05)."""
+    return model(x, labels=y, return_logits=False, shift_labels=False).loss
 
 @torch.no_grad()
 def evaluate(model, batches, device, token_bytes=None, autocast=nullcontext, rank=0, world=1):
@@ -355,7 +360,6 @@ def train(cfg: TrainConfig, model_config=None) -> TrainResult:
     tok = load_tokenizer_for(meta, data_dir)
     token_bytes = token_byte_lengths(tok, mc.vocab_size) if tok is not None else None
     unigram = unigram_baseline(train_tok, torch.cat([y for _, y in val_batches]).numpy(), mc.vocab_size) if rank == 0 else None
-    aux_coef = mc.router_aux_loss_coef if getattr(mc, 'num_experts', 0) else 0.0
     if rank == 0:
         if resume_path is None and (out / 'metrics.jsonl').exists():
             print(f"{out} holds a run that stopped before its first checkpoint; starting it again")
@@ -368,7 +372,7 @@ def train(cfg: TrainConfig, model_config=None) -> TrainResult:
     def on_checkpoint(path):
         if pending[0]: write_config(); pending[0] = False  # these settings have now written a checkpoint
 
-    r = fit(raw, cfg, loss_fn=lambda m, b: lm_loss(m(b[0]), b[1], aux_coef), batch_fn=batches.batch,
+    r = fit(raw, cfg, loss_fn=lambda m, b: next_token_loss(m, *b), batch_fn=batches.batch,
             eval_fn=lambda m: evaluate(m, val_batches, device, token_bytes, lambda: autocast_for(device, cfg.dtype),
                                        rank, world),
             out=out, resume_state=None if state is None else dict(state, _path=resume_path),

@@ -2,8 +2,7 @@
 import json
 from pathlib import Path
 import pytest
-from qwen_edu.pipeline import (PipelineConfig, run_pipeline, pipeline_cli, STAGES, format_report,
-                               prepare_builtin_data)
+from qwen_edu.pipeline import PipelineConfig, run_pipeline, pipeline_cli, STAGES, format_report
 
 TINY = '{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}'
 SMALL = ['--stages', 'tokenizer,data,pretrain,sample', '--corpus-size', '200000', '--vocab-size', '512', '--max-steps', '6', '--batch-size', '4', '--seq-len', '32',
@@ -51,14 +50,6 @@ def test_stages_are_named_explicitly_in_pipeline_order():
     code = "import qwen_edu.pipeline as P, sys\nprint(','.join(P.STAGES))"
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
-
-
-def test_prepare_builtin_data_builds_once(tmp_path):
-    d = prepare_builtin_data(tmp_path / 'b', corpus_size=100_000, vocab_size=300)
-    assert (d / 'train.bin').exists() and json.loads((d / 'meta.json').read_text())['vocab_size'] == 300
-    mtime = (d / 'train.bin').stat().st_mtime_ns
-    assert prepare_builtin_data(tmp_path / 'b', corpus_size=100_000, vocab_size=300) == d
-    assert (d / 'train.bin').stat().st_mtime_ns == mtime
 
 
 def test_rerunning_a_stage_makes_the_later_ones_stale(tmp_path, monkeypatch):
