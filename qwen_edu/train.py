@@ -23,8 +23,9 @@ from qwen_edu.checkpoint import (_sha256, _atomic_write_text, _finite, _dumps, u
     _read_json)  # appendix A1
 from .distributed import (init_distributed, apply_compile, apply_ddp, apply_fsdp, autocast_for, _wrap,
     _sync_context, _gather_state, _load_optimizer)  # appendix A2
-from .engine import (LoopConfig, fit, FitResult, lr_at, param_groups, make_optimizer, warmup_for, peak_flops,
-    PEAK_BF16_FLOPS, to_device, Prefetcher)  # the engine: this chapter, below
+from qwen_edu.engine import (LoopConfig, fit, FitResult, lr_at, param_groups, make_optimizer, warmup_for, to_device,
+    Prefetcher)
+from .perf import peak_flops, PEAK_BF16_FLOPS  # appendix A3  # the engine: this chapter, below
 
 # %% ../nbs/10_train.ipynb #f768e31c
 @dataclass
