@@ -456,3 +456,154 @@ def test_moe_model_checks_labels_too():
     with torch.no_grad():
         assert m(ids, labels=ids).aux_loss is not None
         with pytest.raises(ValueError, match='got -1 at \\[0, 2\\].*vocab_size 64'): m(ids, labels=ids.index_fill(1, torch.tensor([2]), -1))
+
+
+# --- the loss without the logits (return_logits=False), meta init, activation checkpointing ---
+def _tiny(tie=True, moe=False, seed=0, **kw):
+    d = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    if moe: d.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                     router_aux_loss_coef=0.05)
+    torch.manual_seed(seed)
+    return QwenForCausalLM(QwenConfig(**{**d, **kw}))
+
+
+@pytest.mark.parametrize('tie,moe', [(True, False), (False, False), (False, True)])
+def test_chunked_loss_equals_full_loss_and_grads(tie, moe):
+    from qwen_edu.model import chunked_causal_lm_loss
+    m = _tiny(tie, moe)
+    ids = torch.randint(0, 300, (3, 21), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone(); labels[0, :7] = -100; labels[2, 10] = -100
+    am = torch.ones_like(ids); am[1, :4] = 0
+    full = m(ids, labels=labels, attention_mask=am)
+    gfull = torch.autograd.grad(full.loss, list(m.parameters()))
+    chunked = m(ids, labels=labels, attention_mask=am, return_logits=False)
+    assert chunked.logits is None
+    gchunk = torch.autograd.grad(chunked.loss, list(m.parameters()))
+    torch.testing.assert_close(chunked.loss, full.loss, atol=1e-6, rtol=1e-6)
+    if moe: torch.testing.assert_close(chunked.aux_loss, full.aux_loss)  # the aux loss is added the same way
+    for (n, _), a, b in zip(m.named_parameters(), gchunk, gfull): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=n)
+    h = torch.randn(2, 9, 32, requires_grad=True)
+    for chunk in (1, 4, 100):  # chunks that do not divide the 18 tokens
+        l = chunked_causal_lm_loss(h, m.lm_head.weight, labels[:2, :9], chunk_size=chunk)
+        torch.testing.assert_close(l, causal_lm_loss_ref(m.lm_head(h), labels[:2, :9]), atol=1e-6, rtol=1e-6)
+
+
+def causal_lm_loss_ref(logits, labels):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def test_chunked_loss_edge_cases():
+    m = _tiny()
+    ids = torch.randint(0, 300, (2, 9))
+    none = torch.full_like(ids, -100)  # no counted token: 0 and a zero gradient, as the fused loss
+    out = m(ids, labels=none, return_logits=False)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())
+    with torch.no_grad():  # no graph: no gradient work, same value
+        torch.testing.assert_close(m(ids, labels=ids, return_logits=False).loss, m(ids, labels=ids).loss)
+    with pytest.raises(ValueError, match='return_logits=False'): m(ids, return_logits=False)
+    bad = ids.clone(); bad[0, 0] = -5
+    with pytest.raises(ValueError, match='labels must be token ids'): m(ids, labels=bad, return_logits=False)
+
+
+@pytest.mark.parametrize('moe', [False, True])
+def test_shift_labels_false_equals_train_lm_loss(moe):
+    "labels already aligned with positions (the training loop's y): same loss as qwen_edu.train.lm_loss with the aux coef."
+    from qwen_edu.train import lm_loss
+    m = _tiny(moe=moe)
+    x, y = torch.randint(0, 300, (2, 12)), torch.randint(0, 300, (2, 12))
+    ref = lm_loss(m(x), y, aux_coef=m.config.router_aux_loss_coef if moe else 0.0)
+    for rl in (True, False):
+        torch.testing.assert_close(m(x, labels=y, shift_labels=False, return_logits=rl).loss, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_loss_under_autocast_matches_lm_head():
+    m = _tiny(tie=False)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        a = m(ids, labels=ids).loss
+        b = m(ids, labels=ids, return_logits=False).loss
+    torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)  # both multiply the head in bf16
+
+
+_RSS_SCRIPT = r'''
+import resource, torch
+torch.set_num_threads(2)
+from qwen_edu.config import QwenConfig
+from qwen_edu.model import QwenForCausalLM
+c = QwenConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+torch.manual_seed(0); m = QwenForCausalLM(c)
+x = torch.randint(0, c.vocab_size, (4, 2048))
+m(x[:, :8], labels=x[:, :8], return_logits=False).loss.backward(); m.zero_grad(set_to_none=True)  # warm up the libraries
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+loss = m(x, labels=x, return_logits=False).loss
+loss.backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, loss.item())
+'''
+
+
+def test_chunked_loss_memory_at_qwen_vocabulary():
+    "8,192 tokens x 151,936 entries: the fp32 logits alone would be 5 GB; forward + backward grows the peak RSS < 1.5 GB."
+    import subprocess, sys, os
+    r = subprocess.run([sys.executable, '-c', _RSS_SCRIPT], capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '2'}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grown, loss = r.stdout.split()
+    assert int(grown) < 1.5e9, f"peak RSS grew by {int(grown) / 1e9:.2f} GB"
+    assert abs(float(loss) - math.log(151936)) < 0.1  # a random model: about log(vocab)
+
+
+@pytest.mark.parametrize('tie,moe', [(True, False), (False, True)])
+def test_meta_init_equals_constructor(tie, moe):
+    "from_config on meta, to_empty, init_weights: the constructor's weights under the same seed, head tied again."
+    a = _tiny(tie, moe, seed=3)
+    torch.manual_seed(3)
+    b = QwenForCausalLM.from_config(a.config, device='meta')
+    assert all(p.is_meta for p in b.parameters())
+    b.to_empty(device='cpu').init_weights()
+    assert (b.lm_head.weight is b.model.embed_tokens.weight) == tie
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa: assert torch.equal(sa[k], sb[k]), k
+    if moe:  # the non-persistent load counters are zero again, not to_empty's garbage
+        assert all(not blk.tokens_per_expert.any() for blk in b.modules() if hasattr(blk, 'tokens_per_expert'))
+    ids = torch.randint(0, 300, (1, 7))
+    torch.testing.assert_close(b(ids).logits, a(ids).logits)
+
+
+def test_meta_build_of_72b_is_instant():
+    import time
+    c = QwenConfig.from_preset('qwen2.5-72b')
+    t0 = time.perf_counter()
+    m = QwenForCausalLM.from_config(c, device='meta')
+    assert time.perf_counter() - t0 < 10  # ~1 s here; a real build would need 290 GB and minutes
+    assert sum(p.numel() for p in m.parameters()) == c.num_params()
+    assert all(p.is_meta for p in m.parameters())
+
+
+@pytest.mark.parametrize('moe', [False, True])
+def test_activation_checkpointing_same_grads_and_recomputes(moe):
+    m = _tiny(tie=False, moe=moe)
+    ids = torch.randint(0, 300, (2, 16))
+    calls = []
+    m.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    def grads():
+        m.zero_grad(set_to_none=True)
+        if moe:
+            for b in m.modules():
+                if hasattr(b, 'tokens_per_expert'): b.tokens_per_expert.zero_()
+        m(ids, labels=ids).loss.backward()
+        load = [b.tokens_per_expert.clone() for b in m.modules() if hasattr(b, 'tokens_per_expert')]
+        return [p.grad.clone() for p in m.parameters()], load
+    g1, load1 = grads()
+    assert len(calls) == 1
+    m.set_activation_checkpointing(True)
+    g2, load2 = grads()
+    assert len(calls) == 3  # forward and the recomputation in the backward
+    for a, b in zip(g1, g2): torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(load1, load2): assert torch.equal(a, b)  # the recomputation does not count tokens twice
+    with torch.no_grad(): m(ids)  # no graph: nothing to recompute, runs plainly
+    assert len(calls) == 4
