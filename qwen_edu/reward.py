@@ -79,12 +79,18 @@ def corrupt_answer(ex, response, rng):
     return bad if score(ex, bad) == 0.0 else None
 
 def make_preference_pairs(model, tokenizer, examples, k=8, temperature=1.0, max_new_tokens=24, seed=0):
-    "One checker-labelled pair per example from `k` samples (reference solution / corrupted answer as fallbacks)."
-    from qwen_edu.sft import generate_responses
+    """One checker-labelled pair per example from `k` samples (reference solution / corrupted answer as fallbacks).
+    A sample that cannot stand as an assistant turn of the chat format (e.g. it starts with a newline, which would
+    merge with the turn's header when tokenized) is not used."""
+    from qwen_edu.sft import generate_responses, tokenize_conversation, example_messages
+    def usable(ex, r):
+        try: tokenize_conversation(tokenizer, example_messages(ex, r)); return True
+        except ValueError: return False
     rng, pairs = random.Random(seed), []
     samples = generate_responses(model, tokenizer, examples, k, temperature, max_new_tokens, seed) if model is not None \
         else [[] for _ in examples]
     for ex, resps in zip(examples, samples):
+        resps = [r for r in resps if usable(ex, r)]
         good = [r for r in resps if score(ex, r) == 1.0]
         bad = [r for r in resps if score(ex, r) == 0.0]
         chosen = good[0] if good else ex.solution

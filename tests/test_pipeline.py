@@ -201,3 +201,21 @@ def test_memory_check_reaches_pretraining(tmp_path):
     assert pretrain_config(PipelineConfig(out=str(tmp_path), memory_check=False), ctx).memory_check is False
     with pytest.raises(ValueError, match="sets 'memory_check'.*--no-memory-check"):
         validate_pipeline(PipelineConfig(out=str(tmp_path / 'run'), train_overrides={'memory_check': False}))
+
+
+def test_pipeline_under_torchrun_runs_every_stage_once(tmp_path):
+    "2 processes (gloo): rank 0 builds the tokenizer and data, both train (pre-training and post-training with DDP),"
+    " rank 0 writes every done.json and the report; the post-trained model is a checkpoint the sample stage reads."
+    import os, subprocess, sys
+    run = tmp_path / 'run'
+    args = [a for a in SMALL]
+    args[args.index('--stages') + 1] = 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        '-m', 'qwen_edu.pipeline', '--out', str(run), '--device', 'cpu', *args],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((run / 'report.json').read_text())
+    assert list(report) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
+    assert report['sft']['model_run'] and (run / 'grpo' / 'ckpt').is_dir() and 'task_answer' in report['sample']
+    assert r.stdout.count('qwen-edu pipeline report') == 1  # printed by rank 0 only

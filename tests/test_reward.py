@@ -84,3 +84,22 @@ def test_reward_model_learns_pairs():
     train_reward_model(rm, tok, pairs, steps=40, batch_size=8, lr=3e-3)
     after = evaluate_reward_model(rm, tok, pairs)  # it can at least fit 8 pairs
     assert after[0] < before[0] / 2 and after[1] >= 0.75, (before, after)  # ~0.69 -> ~0.10 in 40 steps
+
+
+def test_preference_pairs_skip_samples_that_cannot_be_an_assistant_turn(monkeypatch, tmp_path):
+    "A sampled response starting with a newline merges with '<|im_start|>assistant\\n' when tokenized: never a pair side."
+    import qwen_edu.sft as S
+    from qwen_edu.data import train_builtin_tokenizer
+    from qwen_edu.reward import make_preference_pairs
+    from qwen_edu.tasks import make_examples, score
+    from qwen_edu.tokenizer import BPETokenizer
+    tok = BPETokenizer.from_hf(train_builtin_tokenizer(tmp_path / 'tok', 512, 200_000)['tokenizer'])  # has '\\n\\n'
+    ex = make_examples('arith', 1, seed=0)[0]
+    answer = ex.solution
+    with pytest.raises(ValueError, match='does not tokenize apart'):  # what made the pipeline's DPO stage fail
+        S.tokenize_conversation(tok, S.example_messages(ex, '\n' + answer))
+    monkeypatch.setattr(S, 'generate_responses', lambda m, t, exs, k, *a, **kw: [['\n' + answer, 'nonsense', answer]])
+    pairs = make_preference_pairs(object(), tok, [ex], k=3)
+    assert len(pairs) == 1 and pairs[0].chosen == answer and pairs[0].rejected == 'nonsense'
+    assert score(ex, '\n' + answer) == 1.0  # the checker would have accepted it: the filter is the chat format's
+    S.tokenize_conversation(tok, S.example_messages(ex, pairs[0].chosen))
