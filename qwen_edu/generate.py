@@ -171,13 +171,15 @@ def _prompt_tensors(prompts, attention_mask, device):
 def generate(model: QwenForCausalLM, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              stop_tokens='default', attention_mask=None, seed: int | None = None, generator=None,
-             stream=None) -> list[list[int]]:
-    "New tokens for each prompt (tensor (B, T) or list of id lists): greedy if temperature == 0, with a KV cache."
+             stream=None, device=None) -> list[list[int]]:
+    """New tokens for each prompt (tensor (B, T) or list of id lists): greedy if temperature == 0, with a KV cache.
+    Runs where the model is, or on `device` (e.g. 'cuda'; the model is moved there first)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 and an int, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     check_seed(seed)
     stop_set = _stop_set(model.config, stop_tokens)
+    if device is not None: model.to(_check_device(str(device)))
     device = next(model.parameters()).device
     ids, mask = _prompt_tensors(prompts, attention_mask, device)
     B, T, V, ctx = ids.shape[0], ids.shape[1], model.config.vocab_size, model.config.max_position_embeddings

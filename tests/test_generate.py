@@ -466,3 +466,18 @@ def test_chat_cli_generation_config_must_be_an_object(tmp_path):
     (tmp_path / 'generation_config.json').write_text('[]')
     with pytest.raises(ValueError, match='generation_config.json must hold a JSON object'):
         chat_cli(['--model', str(tmp_path), '--prompt', 'hi'])
+
+
+def test_generate_takes_a_device():
+    "device= moves the model there and runs there (CPU here; the GPU check runs the CUDA path); a bad one is refused."
+    import torch
+    from qwen_edu.config import QwenConfig
+    from qwen_edu.model import QwenForCausalLM
+    from qwen_edu.generate import generate
+    torch.manual_seed(0)
+    m = QwenForCausalLM(QwenConfig.from_preset('edu-tiny', vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+    assert generate(m, [[1, 2, 3]], 4, device='cpu') == generate(m, [[1, 2, 3]], 4)
+    with pytest.raises(ValueError, match='device'): generate(m, [[1, 2, 3]], 4, device='gpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='cuda'): generate(m, [[1, 2, 3]], 4, device='cuda')
