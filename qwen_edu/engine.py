@@ -202,6 +202,7 @@ def fit(model: nn.Module, cfg, loss_fn, batch_fn, *, eval_fn=None, out=None, res
             + (" (or resume with --resume --allow-config-change lr)" if good else ""))
 
     def run_eval(done):
+        raw.eval()  # evaluation sees the model in eval mode, and training resumes in train mode
         ev = eval_fn(raw) if eval_fn is not None else {}
         raw.train()
         evals.append({'step': done, **ev})
