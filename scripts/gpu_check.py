@@ -67,12 +67,15 @@ json.dump(d, open(sys.argv[1], 'w'), indent=1)
 DATA = r'''
 import json, sys, time
 from pathlib import Path
-from qwen_edu.pipeline import prepare_builtin_data
+try: from qwen_edu.data import prepare_builtin_data
+except ImportError: from qwen_edu.pipeline import prepare_builtin_data
 kw = json.loads(sys.argv[2])
-cached = (Path(kw.get('root', 'runs/builtin')) / 'data' / 'done.json').exists()
+root = Path(kw.get('root', 'runs/builtin'))
+cached = (root / 'built.json').exists() or (root / 'data' / 'done.json').exists()
 t0 = time.perf_counter(); d = prepare_builtin_data(**kw); dt = time.perf_counter() - t0
-meta = json.loads((Path(d) / 'meta.json').read_text()) if (Path(d) / 'meta.json').exists() else {}
-res = dict(data=str(d), seconds=round(dt, 1), cached=cached, **{k: meta[k] for k in ('vocab_size', 'n_train', 'n_val') if k in meta})
+try: stamp = json.loads((root / 'built.json').read_text())
+except (OSError, ValueError): stamp = {}
+res = dict(data=str(d), seconds=round(dt, 1), cached=cached, n_tokens=stamp.get('n_tokens'))
 print(json.dumps(res)); json.dump(res, open(sys.argv[1], 'w'))
 '''
 
@@ -103,7 +106,7 @@ def _data(c):
 
 def _data_keys(c):
     d = _json(c.out / 'data.json')
-    return dict(seconds=d.get('seconds'), cached=d.get('cached'), train_tokens=d.get('n_train')) if d else {}
+    return dict(seconds=d.get('seconds'), cached=d.get('cached'), tokens=d.get('n_tokens')) if d else {}
 
 
 def _data_arg(c): return str(c.out / 'builtin' / 'data') if c.smoke else 'builtin'
@@ -199,9 +202,15 @@ def _torchrun_keys(c):
     return keys
 
 
+def cuda_test_files():
+    "Test files with tests marked `cuda` (collecting only these keeps the GPU image's missing dev packages out of it)."
+    return [f for f in sorted((REPO / 'tests').glob('test_*.py')) if 'mark.cuda' in f.read_text(errors='replace')]
+
+
 def _cuda_tests(c):
-    cmds = [('pytest', [PY, '-m', 'pytest', str(REPO / 'tests'), '-m', 'cuda', '-q', '-p', 'no:cacheprovider',
-                        '--junitxml', str(c.out / 'cuda_tests.xml')])]
+    files = cuda_test_files()
+    cmds = [('pytest', [PY, '-m', 'pytest', *map(str, files), '-m', 'cuda', '-q', '-p', 'no:cacheprovider',
+                        '--junitxml', str(c.out / 'cuda_tests.xml')])] if files else []
     for nb in cuda_notebooks():
         cmds.append((f'nb:{nb.name}', [PY, str(Path(__file__).resolve()), '--run-nb-cells', str(nb),
                                         '--flags', '' if c.smoke else 'cuda']))
@@ -217,6 +226,7 @@ def _cuda_tests_keys(c):
             a = dict(re.findall(r'(\w+)="([^"]*)"', m.group(0)))
             keys['tests'] = f"{a.get('tests')} run, {a.get('failures')} failed, {a.get('errors')} errors, {a.get('skipped')} skipped"
     except OSError: pass
+    if not cuda_test_files(): keys['tests'] = 'no tests marked cuda'
     nbs = cuda_notebooks()
     keys['notebooks'] = ', '.join(nb.name for nb in nbs) or 'no #| cuda cells'
     return keys
@@ -224,10 +234,10 @@ def _cuda_tests_keys(c):
 
 SECTIONS = [
     Section('info', 'a', 'nvidia-smi, torch/CUDA info', 15, 30, _info, _info_keys),
-    Section('data', 'c', 'built-in corpus prepared (CPU)', 70, 60, _data, _data_keys),
-    Section('train', 'c', 'edu-small bf16 --compile, fused AdamW, 200 steps', 100, 60, _train, _train_keys),
-    Section('mfu', 'f', 'edu-base 16x2048 compiled: MFU', 75, 30, lambda c: _mfu(c, True), lambda c: _mfu_keys(c, 'mfu')),
-    Section('pipeline', 'd', 'every pipeline stage on CUDA (edu-tiny, 40 steps)', 80, 120, _pipeline, _pipeline_keys),
+    Section('data', 'c', 'built-in corpus prepared (CPU)', 40, 60, _data, _data_keys),
+    Section('train', 'c', 'edu-small bf16 --compile, fused AdamW, 200 steps', 110, 60, _train, _train_keys),
+    Section('mfu', 'f', 'edu-base 16x2048 compiled: MFU', 85, 30, lambda c: _mfu(c, True), lambda c: _mfu_keys(c, 'mfu')),
+    Section('pipeline', 'd', 'every pipeline stage on CUDA (edu-tiny, 40 steps)', 85, 120, _pipeline, _pipeline_keys),
     Section('decode', 'g', 'decode tokens/s vs transformers generate', 40, 40, _decode, _decode_keys),
     Section('torchrun', 'e', 'torchrun --nproc_per_node=1 train + NCCL probe', 40, 60, _torchrun, _torchrun_keys),
     Section('cuda_tests', 'b', 'pytest -m cuda, notebooks #| cuda cells', 35, 60, _cuda_tests, _cuda_tests_keys,
@@ -431,9 +441,8 @@ def nccl_probe(a):
 def _fastcore_shim():
     "fastcore.test's helpers for notebooks run where fastcore is not installed (the GPU image has no nbdev)."
     import types, math
-    try: import fastcore.test  # noqa: F401
-    except ImportError: pass
-    else: return
+    import importlib.util
+    if importlib.util.find_spec('fastcore') is not None: return
     m = types.ModuleType('fastcore.test')
 
     def test_eq(a, b): assert a == b, f"{a!r} != {b!r}"
@@ -458,8 +467,8 @@ def _fastcore_shim():
 
 
 def run_nb_cells(nb, flags=()):
-    "Run a notebook's code cells in order, as nbdev_test does: skip `#| eval: false`, and notest/slow/cuda cells
-    unless their flag is in `flags`; IPython magics and shell lines are skipped. Returns the number of cells run."
+    """Run a notebook's code cells in order, as nbdev_test does: skip `#| eval: false`, and notest/slow/cuda cells
+    unless their flag is in `flags`; IPython magics and shell lines are skipped. Returns the number of cells run."""
     import matplotlib
     matplotlib.use('Agg')
     _fastcore_shim()
