@@ -55,7 +55,7 @@ if torch.cuda.is_available():
              gpu_memory_gib=round(p.total_memory / 2**30, 1), gpus=torch.cuda.device_count(),
              bf16=torch.cuda.is_bf16_supported(), peak_tflops=(peak_flops('cuda', warn=False) or 0) / 1e12 or None,
              peak_known=torch.cuda.get_device_name(0) in PEAK_BF16_FLOPS)
-    try: d['nccl'] = '.'.join(map(str, torch.cuda.nccl.version()))
+    try: v = torch.cuda.nccl.version(); d['nccl'] = '.'.join(map(str, v)) if isinstance(v, tuple) else str(v)
     except Exception as e: d['nccl'] = f'unavailable ({type(e).__name__})'
 for m in ('triton', 'transformers', 'numpy', 'safetensors'):
     try: d[m] = __import__(m).__version__

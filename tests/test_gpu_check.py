@@ -9,9 +9,9 @@ gc = importlib.util.module_from_spec(spec); spec.loader.exec_module(gc)
 
 
 def _pipeline_has_device_flags():
-    from qwen_edu.pipeline import pipeline_cli  # noqa: F401  (the module exists)
-    import qwen_edu.pipeline as p
-    return 'device' in {f.name for f in __import__('dataclasses').fields(p.PipelineConfig)}
+    import dataclasses
+    from qwen_edu.pipeline import PipelineConfig
+    return 'device' in {f.name for f in dataclasses.fields(PipelineConfig)}
 
 
 @pytest.fixture(scope='module')
