@@ -318,9 +318,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, check: bool = Tru
     return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), next_token_targets(labels, shift))
 
 # %% ../nbs/05_model.ipynb #c4a11e55
-def loss_chunk_size(vocab_size: int, budget_bytes: int = 2**27) -> int:
-    "Tokens per chunk so that one chunk's float32 logits take at most `budget_bytes` (128 MB: 220 tokens at 151,936)."
-    return max(1, budget_bytes // (4 * vocab_size))
+def loss_chunk_size(vocab_size: int, device='cpu') -> int:
+    "Tokens per chunk so that one chunk's float32 logits take at most 128 MB on a CPU (220 tokens at 151,936), 1 GB on a GPU."
+    budget = 2**30 if torch.device(device).type == 'cuda' else 2**27
+    return max(1, budget // (4 * vocab_size))
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `h @ weight.T` (h (N, H), weight (V, H)) against `target` (N,) (-100: ignored), summed and
@@ -354,7 +355,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 def chunked_causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shift: bool = True,
                            chunk_size: int | None = None) -> torch.Tensor:
     """`causal_lm_loss(h @ weight.T, labels, shift=shift)` without the (B, T, V) logits: hidden states h (B, T, H) and
-    the head's weight (V, H), `chunk_size` tokens at a time (default `loss_chunk_size(V)`); autocast-aware like `lm_head`."""
+    the head's weight (V, H), `chunk_size` tokens at a time (default `loss_chunk_size(V, h.device)`); autocast-aware like `lm_head`."""
     target = next_token_targets(labels, shift)
     h = h.reshape(-1, h.shape[-1])
     dev = h.device.type
@@ -363,7 +364,7 @@ def chunked_causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.
         h, weight = h.to(dt), weight.to(dt)
     n = (target != -100).sum().clamp(min=1)  # counted tokens (0 counted: loss 0, gradient 0), never read back
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return ChunkedLinearCrossEntropy.apply(h, weight, target, n, chunk_size or loss_chunk_size(weight.shape[0]), grads)
+    return ChunkedLinearCrossEntropy.apply(h, weight, target, n, chunk_size or loss_chunk_size(weight.shape[0], h.device), grads)
 
 # %% ../nbs/05_model.ipynb #af5fa1e3
 class QwenForCausalLM(nn.Module):

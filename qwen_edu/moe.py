@@ -214,7 +214,8 @@ class QwenSparseMoeBlock(nn.Module):
         with torch.no_grad():
             if self.tokens_per_expert.is_meta or self.tokens_per_expert.device != x.device:  # built on meta: not loaded
                 self.tokens_per_expert = torch.zeros(self.num_experts, device=x.device)
-            if not _recomputing(): self.tokens_per_expert += count_per_expert(experts.reshape(-1), self.num_experts)
+            if not _recomputing():  # in place (`add_`): compiles inside activation checkpointing too
+                self.tokens_per_expert.add_(count_per_expert(experts.reshape(-1), self.num_experts))
         fn = DISPATCH.get(self.dispatch)
         if fn is None: raise ValueError(f"dispatch must be one of {sorted(DISPATCH)}, got {self.dispatch!r}")
         out = fn(h, weights, experts, self.experts, self.capacity(h.shape[0]))

@@ -132,3 +132,20 @@ def test_presets_need_no_moe_import():
             "assert c.num_experts == 16; assert 'qwen_edu.moe' not in sys.modules; print('ok')")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.stdout.strip() == 'ok', r.stderr[-2000:]
+
+
+@pytest.mark.parametrize('kind', ['dense', 'moe'])
+def test_activation_checkpointing_compiles_and_matches_eager(kind):
+    "Checkpointed blocks trace as one graph too (the MoE load counter is an in-place add, counted once)."
+    kw = DENSE if kind == 'dense' else MOE
+    ref, m = build(kw), build(kw).set_activation_checkpointing(True)
+    e = explain(lambda x: m(x, labels=x, return_logits=False).loss, X)
+    assert e.graph_break_count == 0, [b.reason for b in e.break_reasons]
+    for b in moe_blocks(m): b.tokens_per_expert.zero_()
+    torch._dynamo.reset()
+    lc = torch.compile(m, backend='aot_eager', fullgraph=True)(X, labels=X, return_logits=False).loss
+    lr = ref(X, labels=X).loss
+    lc.backward(); lr.backward()
+    torch.testing.assert_close(lc, lr, atol=1e-5, rtol=1e-5)
+    for (n, a), b in zip(ref.named_parameters(), m.parameters()): torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=n)
+    for a, b in zip(moe_blocks(ref), moe_blocks(m)): assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
