@@ -16,7 +16,7 @@ import torch.nn as nn
 from .checkpoint import (_atomic_write_text, _dumps, rng_state, set_rng_state, save_checkpoint, read_metrics,
                                  truncate_metrics, _unreadable)
 from .distributed import init_distributed, autocast_for, _wrap, _sync_context, _gather_state, _load_optimizer
-from .perf import peak_flops, synchronize
+from .perf import peak_flops, synchronize, configure_cpu_threads
 
 # %% ../nbs/10_engine.ipynb #3791902f
 def lr_at(step, max_steps, lr, warmup_steps=0, min_lr_ratio=0.1, schedule='cosine', decay_frac=0.2):
@@ -77,6 +77,7 @@ class LoopConfig:
     device: str = 'auto'                 # 'auto', 'cpu', 'cuda' or 'cuda:N'
     progress: bool = False               # tqdm bar
     peak_flops: typing.Optional[float] = None  # per-device peak FLOP/s for MFU (None: by device name)
+    cpu_threads: typing.Optional[int] = None   # torch CPU threads (None: the CPUs other processes leave idle)
 
 def stage_device(model: nn.Module, device=None) -> str:
     "The device setting of a stage that trains `model` in place: `device`, or (None) where the model already is."
@@ -166,6 +167,8 @@ def fit(model: nn.Module, cfg, loss_fn, batch_fn, *, eval_fn=None, out=None, res
     from tqdm.auto import tqdm
     rank, world, device = dist if dist is not None else init_distributed(cfg.device)
     raw = model.to(device)
+    threads = getattr(cfg, 'cpu_threads', None)
+    if device.type == 'cpu': configure_cpu_threads(threads)  # no spinning threads on CPUs other jobs hold (appendix A3)
     A = cfg.grad_accum
     stop = getattr(cfg, 'stop_at_step', None) or cfg.max_steps
     raw.train()
@@ -250,6 +253,7 @@ def fit(model: nn.Module, cfg, loss_fn, batch_fn, *, eval_fn=None, out=None, res
                 history.append(rec)
                 if rank == 0 and metrics_path is not None:
                     with open(metrics_path, 'a') as f: f.write(_dumps(rec) + '\n')
+            if device.type == 'cpu' and threads is None: configure_cpu_threads(own=torch.get_num_threads())
             sync(); t_last, steps_since = time.perf_counter(), 0
         if out is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == stop):
             check_finite()  # never save a diverged model

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from .train import TrainConfig, train, train_parser, load_trained_model, _atomic_write_text, _run_as_script, run_cli
 from .train import _finite, _dumps, check_train_memory, save_checkpoint, unique_state_dict, init_distributed
+from .perf import configure_cpu_threads
 
 # %% ../nbs/16_pipeline.ipynb #63995781
 @dataclass
@@ -38,6 +39,7 @@ class PipelineConfig:
     progress: bool = True
     train_overrides: typing.Optional[dict] = None  # extra TrainConfig fields for pre-training (e.g. model sizes)
     memory_check: bool = True         # refuse a run whose estimated training memory exceeds what is available
+    cpu_threads: typing.Optional[int] = None  # torch CPU threads (None: the CPUs other processes leave idle)
     device: str = 'auto'              # every training stage's device: 'auto' (a GPU when there is one), 'cpu', 'cuda[:N]'
     dtype: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16', 'fp32'
     compile: bool = False             # torch.compile the model in every training stage
@@ -70,7 +72,7 @@ def _pretrain_fields(cfg: PipelineConfig, data, resume=False):
                 batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, warmup_steps=pipeline_warmup(cfg),
                 eval_every=cfg.eval_every, eval_batches=cfg.eval_batches, ckpt_every=max(cfg.eval_every, 1),
                 seed=cfg.seed, progress=cfg.progress, resume=resume, memory_check=cfg.memory_check, device=cfg.device,
-                dtype=cfg.dtype, compile=cfg.compile)
+                dtype=cfg.dtype, compile=cfg.compile, cpu_threads=cfg.cpu_threads)
 
 def pretrain_config(cfg: PipelineConfig, ctx, resume=False):
     "The TrainConfig of the pre-training stage."
@@ -173,7 +175,7 @@ _SET_BY_PIPELINE = {'preset': '--preset', 'data': 'the data stage', 'out': '--ou
                     'warmup_steps': '--warmup-steps', 'eval_every': '--eval-every', 'eval_batches': '--eval-batches',
                     'ckpt_every': '--eval-every (checkpoints follow it)', 'seed': '--seed', 'progress': '--progress',
                     'resume': 'the pipeline (it resumes by itself)', 'memory_check': '--no-memory-check',
-                    'device': '--device', 'dtype': '--dtype', 'compile': '--compile'}
+                    'device': '--device', 'dtype': '--dtype', 'compile': '--compile', 'cpu_threads': '--cpu-threads'}
 _MIN_CORPUS = 10_000  # bytes: below this the tokenizer and the validation split have too little text
 
 def _stage_names(cfg: PipelineConfig):
@@ -252,6 +254,7 @@ def run_pipeline(cfg: PipelineConfig):
     Under `torchrun` every process runs the training stages (pre-training with DDP/FSDP2, post-training with DDP
     through the engine); the tokenizer, data and sample stages run on rank 0 while the others wait; rank 0 writes."""
     names = validate_pipeline(cfg)['stages']  # everything checked before anything is written
+    if cfg.cpu_threads: os.environ['OMP_NUM_THREADS'] = str(cfg.cpu_threads)  # fixed for every stage (appendix A3)
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank = init_distributed(cfg.device)[0] if world > 1 else 0
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -271,6 +274,7 @@ def run_pipeline(cfg: PipelineConfig):
         if name in ONE_PROCESS_STAGES and rank != 0:
             _barrier(world); ctx[name], ran = finite(json.loads(done.read_text())), True; continue
         t0 = time.perf_counter()
+        configure_cpu_threads(cfg.cpu_threads)  # sampling and evaluation too, not only the engine's steps
         res = finite(dict(STAGES[name](cfg, ctx), seconds=round(time.perf_counter() - t0, 1)))
         if rank == 0:
             (run / name).mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,8 @@ class TrainConfig:
     fsdp: bool = False                   # FSDP2 fully_shard instead of DDP when world > 1
     device: str = 'auto'                 # 'auto', 'cpu', 'cuda' or 'cuda:N'
     memory_check: bool = True            # refuse a run whose estimated memory exceeds what the device has
-    peak_flops: typing.Optional[float] = None  # per-device peak FLOP/s for MFU (auto for H100/H200/A100)
+    peak_flops: typing.Optional[float] = None  # per-device peak FLOP/s for MFU (None: by the GPU's exact name)
+    cpu_threads: typing.Optional[int] = None   # torch CPU threads (None: the CPUs other processes leave idle)
     progress: bool = True                # tqdm progress bar
     # model overrides (None: the preset's value)
     hidden_size: typing.Optional[int] = None
@@ -115,6 +116,9 @@ def check_train_config(cfg: TrainConfig):
                        ("lr * weight_decay, AdamW's decay factor,", cfg.lr * cfg.weight_decay, 'weight_decay')):
         if v > F32_MAX:
             raise ValueError(f"{what} is {v:.4g}, which overflows float32 (max {F32_MAX:.4g}); lower {_flag(k)}")
+    if cfg.cpu_threads is not None and (not _is_int(cfg.cpu_threads) or cfg.cpu_threads < 1):
+        raise ValueError(f"cpu_threads must be a positive integer (or left out: automatic), got {cfg.cpu_threads!r}; "
+                         "fix --cpu-threads")
     if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}; fix --seed")
     if cfg.schedule not in ('cosine', 'wsd', 'constant'):

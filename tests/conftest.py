@@ -1,5 +1,10 @@
+import os
 import pytest
 import torch
+
+# the engine picks CPU threads from the machine's load (qwen_edu.perf.configure_cpu_threads) unless OMP_NUM_THREADS is
+# set: fix it for the tests (and the processes they start), so that runs compared bit for bit use the same count
+os.environ.setdefault('OMP_NUM_THREADS', str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope='module')

@@ -119,3 +119,20 @@ def test_every_stage_trains_through_the_engine_without_decay_on_norms(monkeypatc
     from qwen_edu.dpo import make_dpo_optimizer
     assert _no_decay_on_vectors(make_dpo_optimizer(toy_model(tok, hidden_size=32), 'adamw', weight_decay=0.1)) == {0.1}
     assert _no_decay_on_vectors(opts[2]) == {0.1} and _no_decay_on_vectors(opts[3]) == {0.0}  # reward; GRPO (no decay)
+
+
+def test_cpu_threads_follow_the_setting(monkeypatch):
+    "An explicit cpu_threads is applied on the CPU; None leaves the choice to configure_cpu_threads (A3), which"
+    " OMP_NUM_THREADS overrides (the tests set it, so the count stays fixed here)."
+    x, y = linear_task()
+    n = torch.get_num_threads()
+    try:
+        fit(nn.Linear(3, 1), LoopConfig(max_steps=1, cpu_threads=1, device='cpu'), lambda m, b: m(b[0]).sum(), lambda i: (x, y))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(n)
+        fit(nn.Linear(3, 1), LoopConfig(max_steps=1, device='cpu'), lambda m, b: m(b[0]).sum(), lambda i: (x, y))
+        assert torch.get_num_threads() == n
+        monkeypatch.delenv('OMP_NUM_THREADS'); monkeypatch.setattr('os.getloadavg', lambda: (50.0, 50.0, 50.0))
+        fit(nn.Linear(3, 1), LoopConfig(max_steps=1, device='cpu'), lambda m, b: m(b[0]).sum(), lambda i: (x, y))
+        assert torch.get_num_threads() == 1  # a machine loaded far beyond its CPUs: one thread, no spinning
+    finally: torch.set_num_threads(n)
