@@ -329,6 +329,7 @@ def test_bf16_autocast_model_step_uses_grouped():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_cuda_bf16_grouped_equals_padded():
     "On CUDA under bf16 autocast, the grouped path is taken and agrees with the padded bmm path (bf16 tolerance)."
