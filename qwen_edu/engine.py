@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from .checkpoint import (_atomic_write_text, _dumps, rng_state, set_rng_state, save_checkpoint, read_metrics,
                                  truncate_metrics, _unreadable)
-from .distributed import init_distributed, autocast_for, _wrap, _sync_context, _gather_state, _load_optimizer
+from .distributed import (init_distributed, autocast_for, _wrap, _sync_context, _gather_state, _load_optimizer,
+                                  uncompile)
 from .perf import peak_flops, synchronize, configure_cpu_threads
 
 # %% ../nbs/10_engine.ipynb #3791902f
@@ -267,6 +268,7 @@ def fit(model: nn.Module, cfg, loss_fn, batch_fn, *, eval_fn=None, out=None, res
         bar.update(1)
     bar.close()
     check_finite()
+    if cfg.compile: uncompile(raw)  # the caller gets the eager module back (generation with a KV cache, saving)
     raw.eval()
     return FitResult(step=stop, history=history, evals=evals, train_loss=loss_sum.item() if stop > start else None,
                      tokens_per_s=tps, mfu=mfu, elapsed_s=time.perf_counter() - t0, checkpoint=ckpt, model=raw)

@@ -136,3 +136,26 @@ def test_cpu_threads_follow_the_setting(monkeypatch):
         fit(nn.Linear(3, 1), LoopConfig(max_steps=1, device='cpu'), lambda m, b: m(b[0]).sum(), lambda i: (x, y))
         assert torch.get_num_threads() == 1  # a machine loaded far beyond its CPUs: one thread, no spinning
     finally: torch.set_num_threads(n)
+
+
+def test_compile_through_the_engine_returns_an_eager_model():
+    "cfg.compile compiles each block for the steps (aot_eager here, as the CPU compile tests) and hands back an eager model."
+    from qwen_edu.config import QwenConfig
+    from qwen_edu.model import QwenForCausalLM
+    torch.manual_seed(0)
+    mc = QwenConfig.from_preset('edu-tiny', vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2)
+    x = torch.randint(0, 64, (2, 16))
+    losses = {}
+    for comp in (False, True):
+        torch.manual_seed(0); m = QwenForCausalLM(mc)
+        import qwen_edu.distributed as D
+        real = D.apply_compile
+        D.apply_compile = lambda model: real(model, backend='aot_eager')
+        try:
+            r = fit(m, LoopConfig(max_steps=3, lr=1e-2, compile=comp, log_every=1, device='cpu'),
+                    lambda mm, b: mm(b, labels=b).loss, lambda i: x)
+        finally: D.apply_compile = real
+        losses[comp] = [h['loss'] for h in r.history]
+        assert all(getattr(l, '_compiled_call_impl', None) is None for l in m.model.layers)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
