@@ -299,20 +299,9 @@ def fit_history(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[
 
 # %% ../nbs/07_generate.ipynb #de194850
 def _check_device(device: str) -> str:
-    "`device` if torch can run a model there (cpu, cuda[:i], mps), else a ValueError saying why, for `--device`."
-    try: d = torch.device(device)
-    except (RuntimeError, TypeError, ValueError): raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
-    if d.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available (this torch is built without CUDA, or no GPU is "
-                             f"visible); use --device cpu")
-        n = torch.cuda.device_count()
-        if d.index is not None and d.index >= n:
-            raise ValueError(f"--device {device}: there is only {n} CUDA device{'s' if n != 1 else ''} (cuda:0 to cuda:{n - 1})")
-    elif d.type == 'mps':
-        if not torch.backends.mps.is_available(): raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
-    elif d.type != 'cpu': raise ValueError(f"--device {device!r} cannot run a chat; use cpu, cuda, cuda:N or mps")
-    return device
+    "`--device` resolved (auto: a GPU when there is one) or a ValueError saying why it cannot run here (`resolve_device`, appendix A2)."
+    from qwen_edu.distributed import resolve_device
+    return str(resolve_device(device))
 
 def chat_cli(argv=None):
     "`qwen-edu chat --model PATH_OR_HUB_ID [--prompt TEXT]`: chat with a checkpoint on the terminal."

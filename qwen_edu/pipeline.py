@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from .train import TrainConfig, train, train_parser, load_trained_model, _atomic_write_text, _run_as_script, run_cli
-from .train import _finite, _dumps, check_train_memory, save_checkpoint, unique_state_dict, init_distributed
+from .train import _finite, _dumps, check_train_memory, save_checkpoint, unique_state_dict, init_distributed, run_ranks
 from .perf import configure_cpu_threads
 
 # %% ../nbs/16_pipeline.ipynb #63995781
@@ -320,11 +320,7 @@ def pipeline_cli(argv=None):
     except (ValueError, MemoryError) as e:  # bad arguments or too big: say so, before any work
         print(f"qwen-edu pipeline: error: {e}", file=sys.stderr); return 2
     t0 = time.perf_counter()
-    try:
-        ctx = run_pipeline(cfg)
-        if torch.distributed.is_initialized(): torch.distributed.barrier()  # every rank finished before the teardown
-    finally:
-        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    ctx = run_ranks(lambda: run_pipeline(cfg), 'qwen-edu pipeline')  # under torchrun: a lost process is a clear error
     if int(os.environ.get('RANK', '0')) == 0:
         print(format_report(ctx, cfg.run_dir))
         print(f"  total      {time.perf_counter() - t0:.0f}s (this invocation); report {cfg.run_dir / 'report.json'}")

@@ -6,7 +6,7 @@
 __all__ = ['MODEL_FIELDS', 'RESUME_FIELDS', 'F32_MAX', 'USER_ERRORS', 'TrainConfig', 'allowed_changes', 'check_train_config',
            'load_shards', 'resolve_data', 'unigram_baseline', 'lm_loss', 'next_token_loss', 'evaluate',
            'token_byte_lengths', 'load_tokenizer_for', 'TrainResult', 'build_model_config', 'check_resume',
-           'check_train_memory', 'train', 'load_trained_model', 'train_parser', 'train_cli', 'run_cli']
+           'check_train_memory', 'train', 'load_trained_model', 'train_parser', 'train_cli', 'run_ranks', 'run_cli']
 
 # %% ../nbs/10_train.ipynb #ffaec37d
 import builtins, dataclasses, hashlib, json, math, os, random, re, shutil, sys, time, typing, warnings
@@ -431,19 +431,34 @@ def train_parser(cls=TrainConfig, prog='qwen-edu train'):
 def train_cli(argv=None):
     "`qwen-edu train ...` / `python -m qwen_edu.train ...`: parse flags into a TrainConfig and train."
     cfg = TrainConfig(**vars(train_parser().parse_args(argv)))
-    try:
-        r = train(cfg)
-        # every rank finished: meet before the teardown (a rank tearing down while another is still in a gloo op aborts it)
-        if torch.distributed.is_initialized(): torch.distributed.barrier()
-        if int(os.environ.get('RANK', '0')) == 0:
-            fmt = lambda v, f='.4f': 'n/a' if v is None else format(v, f)
-            print(f"step {r.step}: train loss {fmt(r.train_loss)}, val loss {fmt(r.val_loss)} "
-                  f"(unigram baseline {fmt(r.unigram_loss)}), val bits/byte {fmt(r.val_bpb)}, "
-                  f"{fmt(r.tokens_per_s, ',.0f')} tokens/s; metrics {r.out / 'metrics.jsonl'}, plot {r.plot}, "
-                  f"checkpoint {r.checkpoint}")
-    finally:
-        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    r = run_ranks(lambda: train(cfg), 'qwen-edu train')
+    if int(os.environ.get('RANK', '0')) == 0:
+        fmt = lambda v, f='.4f': 'n/a' if v is None else format(v, f)
+        print(f"step {r.step}: train loss {fmt(r.train_loss)}, val loss {fmt(r.val_loss)} "
+              f"(unigram baseline {fmt(r.unigram_loss)}), val bits/byte {fmt(r.val_bpb)}, "
+              f"{fmt(r.tokens_per_s, ',.0f')} tokens/s; metrics {r.out / 'metrics.jsonl'}, plot {r.plot}, "
+              f"checkpoint {r.checkpoint}")
     return 0
+
+def run_ranks(job, prog):
+    """Run `job()` (what every torchrun process does) and tear the process group down cleanly. If another process
+    died or hung, the collective error becomes a one-line `DistributedError` message and this process exits with 1
+    at once (tearing down a group with a dead peer can hang); other errors propagate after the teardown."""
+    from qwen_edu.distributed import collective_errors, DistributedError, exit_without_teardown
+    dist = torch.distributed
+    try:
+        with collective_errors():
+            r = job()
+            # every rank finished: meet before the teardown (a rank tearing down while another is in a gloo op aborts it)
+            if dist.is_initialized(): dist.barrier()
+    except DistributedError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        exit_without_teardown(1)
+    except BaseException:
+        if dist.is_initialized(): dist.destroy_process_group()
+        raise
+    if dist.is_initialized(): dist.destroy_process_group()
+    return r
 
 def _run_as_script(module_name):
     "True when `module_name` is `'__main__'` under `python -m`, False inside Jupyter or nbdev's test shell."
