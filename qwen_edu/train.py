@@ -59,6 +59,7 @@ class TrainConfig:
     keep_ckpts: int = 2                  # checkpoints kept (older ones deleted)
     dtype: str = 'auto'                  # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16', 'fp32'
     compile: bool = False                # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
     fsdp: bool = False                   # FSDP2 fully_shard instead of DDP when world > 1
     device: str = 'auto'                 # 'auto', 'cpu', 'cuda' or 'cuda:N'
     memory_check: bool = True            # refuse a run whose estimated memory exceeds what the device has
@@ -354,8 +355,11 @@ def train(cfg: TrainConfig, model_config=None) -> TrainResult:
     if state is not None: check_resume(cfg, state, mc, resume_path, world)
 
     torch.manual_seed(cfg.seed)
-    raw = QwenForCausalLM(mc).to(device)
+    if device.type == 'cpu': raw = QwenForCausalLM(mc)
+    else:  # built on the meta device, then allocated and drawn on the GPU: no CPU copy of a large model (chapter 05)
+        raw = QwenForCausalLM.from_config(mc, device='meta').to_empty(device=device).init_weights()
     if model_sd is not None: _load_weights(raw, model_sd)
+    if cfg.activation_checkpointing: raw.set_activation_checkpointing(True)
     stop = cfg.stop_at_step or cfg.max_steps
     if state is not None and state['step'] >= stop:
         return _finished(cfg, out, state['step'], stop, resume_path, raw.eval(), mc, rank)

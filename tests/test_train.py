@@ -475,3 +475,12 @@ def test_device_cuda_index(shards, tmp_path):
         with pytest.raises(ValueError, match=rf'--device {d} but torch has no CUDA device here.*use --device cpu'):
             train(cfg_for(shards, tmp_path / 'run', device=d))
     assert not (tmp_path / 'run').exists()
+
+
+def test_activation_checkpointing_flag_trains_the_same(shards, tmp_path):
+    "--activation-checkpointing recomputes blocks in the backward: the same losses (fp32, CPU) as without it."
+    a = train(cfg_for(shards, tmp_path / 'a', max_steps=4, log_every=1))
+    b = train(cfg_for(shards, tmp_path / 'b', max_steps=4, log_every=1, activation_checkpointing=True))
+    la = [m['loss'] for m in read_metrics(tmp_path / 'a' / 'metrics.jsonl')]
+    lb = [m['loss'] for m in read_metrics(tmp_path / 'b' / 'metrics.jsonl')]
+    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5) and b.model.model.activation_checkpointing
