@@ -53,16 +53,16 @@ def losses(out): return [(m['step'], m['loss'], m.get('val_loss')) for m in read
 def weights(out, step=STEPS): return load_checkpoint(Path(out) / 'ckpt' / f'step_{step:06d}')[0]
 
 
-def assert_same_run(a, b, steps=range(1, STEPS + 1)):
-    "Same losses at every logged step (and validation losses) and the same final weights, within TOL."
+def assert_same_run(a, b, steps=range(1, STEPS + 1), tol=TOL, wtol=TOL, vtol=TOL):
+    "Same losses at every logged step (and validation losses) within `tol` and the same final weights within `wtol`."
     la, lb = [x for x in losses(a) if x[0] in steps], losses(b)
     assert [s for s, *_ in la] == [s for s, *_ in lb] == list(steps), (la, lb)
     for (s, l1, v1), (_, l2, v2) in zip(la, lb):
-        assert abs(l1 - l2) < TOL, (s, l1, l2)
-        assert (v1 is None) == (v2 is None) and (v1 is None or abs(v1 - v2) < TOL), (s, v1, v2)
+        assert abs(l1 - l2) < tol, (s, l1, l2)
+        assert (v1 is None) == (v2 is None) and (v1 is None or abs(v1 - v2) < vtol), (s, v1, v2)
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
-    for k in wa: assert (wa[k] - wb[k]).abs().max().item() < TOL, k
+    for k in wa: assert (wa[k] - wb[k]).abs().max().item() < wtol, k
 
 
 @pytest.fixture(scope='module')
@@ -100,6 +100,18 @@ def test_compiled_equals_one_process(shards, one, tmp_path, wrapper):
     assert 'Graph break' not in r.stderr, r.stderr[-3000:]
 
 
+def test_bf16_autocast_is_one_policy_for_every_wrapper(shards, tmp_path):
+    """--dtype bf16: float32 weights and reductions, bf16 matmuls by autocast, under DDP and FSDP2 alike. The first
+    step's loss is the same number in all three (FSDP2 all-gathering bf16 weights, the old policy, was 5e-6 off there
+    and 4e-4 off later); later training losses agree within 1e-4, the weights within bf16's rounding of Adam's updates."""
+    train(shards, tmp_path / 'one', '--dtype', 'bf16', '--grad-accum', '2', nproc=1)
+    for w in ('ddp', 'fsdp'):
+        train(shards, tmp_path / w, '--dtype', 'bf16', *(['--fsdp'] if w == 'fsdp' else []))
+        assert losses(tmp_path / w)[0] == losses(tmp_path / 'one')[0], w
+        # validation splits its batches over the processes: bf16 losses summed in another order (1e-4 apart)
+        assert_same_run(tmp_path / 'one', tmp_path / w, wtol=5e-3, vtol=5e-4)
+
+
 def test_checkpoints_cross_ddp_and_fsdp(shards, ddp, fsdp, tmp_path):
     "DDP to step 3 (--stop-at-step), --resume under FSDP2 to the end == uninterrupted DDP; an FSDP2 checkpoint under DDP."
     cut = tmp_path / 'cut'
@@ -115,7 +127,8 @@ def _free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('sig,what', [(signal.SIGKILL, 'stopped while'), (signal.SIGSTOP, 'stopped answering')])
+@pytest.mark.parametrize('sig,what', [(signal.SIGKILL, 'stopped while'), (signal.SIGSTOP, 'stopped answering')],
+                         ids=['killed', 'frozen'])
 def test_dead_rank_is_a_clear_error_not_a_hang(shards, tmp_path, sig, what):
     """Two processes started by hand (no torchrun agent to tear the job down): rank 1 killed (or frozen) once training
     runs; rank 0 exits non-zero within seconds with the one-line DistributedError, never hangs."""
