@@ -18,20 +18,6 @@ TINY = ['--hidden-size', '32', '--intermediate-size', '64', '--num-hidden-layers
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
 
-def _markov(n, rng):
-    "Tokens with structure to learn: mostly t -> (7t + 3) mod V, sometimes random (as in test_train)."
-    t = np.zeros(n, dtype=np.int64); noise = rng.random(n) < 0.2; r = rng.integers(0, VOCAB, n)
-    for i in range(1, n): t[i] = r[i] if noise[i] else (t[i - 1] * 7 + 3) % VOCAB
-    return t
-
-
-@pytest.fixture(scope='module')
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp('shards'); rng = np.random.default_rng(0)
-    write_shards(d, {'train': _markov(20000, rng), 'val': _markov(4000, rng)}, vocab_size=VOCAB, eos_id=0)
-    return d
-
-
 def flags(shards, out, max_steps=STEPS):
     return ['--data', str(shards), '--out', str(out), '--max-steps', str(max_steps), '--warmup-steps', '1',
             '--batch-size', '4', '--seq-len', '16', '--lr', '3e-3', '--log-every', '1', '--eval-every', '3',

@@ -16,20 +16,6 @@ VOCAB = 64
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def _markov(n, rng):
-    "A sequence with structure to learn: mostly t -> (7t + 3) mod V, sometimes random."
-    t = np.zeros(n, dtype=np.int64); noise = rng.random(n) < 0.2; r = rng.integers(0, VOCAB, n)
-    for i in range(1, n): t[i] = r[i] if noise[i] else (t[i - 1] * 7 + 3) % VOCAB
-    return t
-
-
-@pytest.fixture(scope='module')
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp('shards'); rng = np.random.default_rng(0)
-    write_shards(d, {'train': _markov(20000, rng), 'val': _markov(4000, rng)}, vocab_size=VOCAB, eos_id=0)
-    return d
-
-
 def cfg_for(shards, out, **kw):
     base = dict(data=str(shards), out=str(out), max_steps=6, warmup_steps=1, batch_size=4, seq_len=16, lr=3e-3,
                 log_every=1, eval_every=3, eval_batches=2, ckpt_every=2, progress=False, seed=0, **TINY)
