@@ -152,6 +152,7 @@ def dpo_train(policy, tokenizer, pairs, ref_model=None, ref_logps=None, steps=10
     metric history. `optimizer`: an optimizer over `policy`'s parameters (e.g. `make_dpo_optimizer`), or a function
     model -> optimizer (default AdamW at `lr`). The learning rate is constant."""
     from qwen_edu.engine import fit, loop_config, init_distributed
+    from qwen_edu.distributed import autocast_for
     if not pairs: raise ValueError("dpo_train needs at least one preference pair")
     if ref_logps is None and ref_model is None: raise ValueError("pass ref_model (frozen) or precomputed ref_logps")
     cfg = loop_config(policy, steps, lr, device=device, dtype=dtype, compile=compile, seed=seed, weight_decay=0.0,
@@ -163,7 +164,8 @@ def dpo_train(policy, tokenizer, pairs, ref_model=None, ref_logps=None, steps=10
         cfg = dataclasses.replace(cfg, lr=optimizer.param_groups[0]['lr'])  # the optimizer's own lr, held constant
         make = lambda m: optimizer
     else: make = optimizer or (lambda m: make_dpo_optimizer(m, 'adamw', lr=lr))
-    if ref_logps is None: ref_logps = pair_logps(ref_model, tokenizer, pairs)
+    if ref_logps is None:  # under the training steps' autocast: at step 0 the policy's log-probs equal these exactly
+        with autocast_for(dev, cfg.dtype): ref_logps = pair_logps(ref_model, tokenizer, pairs)
     ref_c, ref_r = (t.to(dev) for t in ref_logps)
     eval_ref = pair_logps(ref_model, tokenizer, eval_pairs) if eval_pairs and ref_model is not None else None
     def batch_fn(i):

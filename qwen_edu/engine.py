@@ -150,6 +150,13 @@ def _as_loss(r):
 
 def _item(v): return v.item() if isinstance(v, torch.Tensor) else v
 
+def _skip_value_checks(model: nn.Module) -> list:
+    """Switch off the per-call input value checks of the submodules that have them (a `check_values` flag, chapter 05:
+    reading token ids back is a host sync per forward on a GPU); the modules switched, to switch back."""
+    on = [m for m in model.modules() if getattr(m, 'check_values', False) is True]
+    for m in on: m.check_values = False
+    return on
+
 def fit(model: nn.Module, cfg, loss_fn, batch_fn, *, eval_fn=None, out=None, resume_state=None, optimizer=None,
         after_step=None, tokens_per_step=None, flops_per_token=None, state_extra=None, on_checkpoint=None,
         prefetch=False, dist=None, eval_at_start=False, desc='train') -> FitResult:
@@ -219,53 +226,62 @@ def fit(model: nn.Module, cfg, loss_fn, batch_fn, *, eval_fn=None, out=None, res
     sync(); t0 = t_last = time.perf_counter(); steps_since, tps, mfu = 0, None, None
     loss_sum = torch.zeros((), device=device)
     if eval_fn is not None and eval_at_start and start == 0: run_eval(0)
-    for step in range(start, stop):
-        lr = lr_at(step, cfg.max_steps, cfg.lr, warmup, cfg.min_lr_ratio, cfg.schedule, cfg.decay_frac)
-        for g in opt.param_groups: g['lr'] = lr * g.get('lr_scale', 1.0)
-        loss_sum = torch.zeros((), device=device); extra_sum = {}
-        for micro in range(A):
-            batch = next(feed) if feed is not None else to_device(batch_fn((step * A + micro) * world + rank), device)
-            with _sync_context(wrapped, cfg, world, micro == A - 1):
-                with autocast(): loss, extra = _as_loss(loss_fn(model_, batch))
-                (loss / A).backward()
-            loss_sum += loss.detach() / A
-            for k, v in extra.items(): extra_sum[k] = extra_sum.get(k, 0) + (v.detach() if isinstance(v, torch.Tensor) else v) / A
-        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
-        gn = gn.full_tensor() if hasattr(gn, 'full_tensor') else gn
-        bad_step = torch.where((bad_step < 0) & ~(torch.isfinite(loss_sum) & torch.isfinite(gn)), step + 1, bad_step)
-        opt.step(); opt.zero_grad(set_to_none=True)
-        if after_step is not None: after_step(raw, step)
-        done, steps_since = step + 1, steps_since + 1
-        is_eval = eval_fn is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps)
-        if is_eval or done % cfg.log_every == 0 or done == stop:
-            check_finite()
-            if world > 1: torch.distributed.all_reduce(loss_sum); loss_sum /= world
-            sync(); now = time.perf_counter()  # tokens/s after the device finished the steps
-            tps = steps_since * tokens_per_step / (now - t_last) if tokens_per_step else None
-            mfu = tps * flops_per_token / (peak * world) if tps and peak and flops_per_token else None
-            rec = dict(step=done, loss=loss_sum.item(), lr=lr, grad_norm=float(gn),
-                       **{k: _item(v) for k, v in extra_sum.items()})
-            if tokens_per_step: rec.update(tokens=done * tokens_per_step, tokens_per_s=round(tps, 1), mfu=mfu)
-            rec['elapsed_s'] = round(now - t0, 3)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", **({'tok_s': f"{tps:,.0f}"} if tps else {}),
-                            **({'mfu': f'{mfu:.1%}'} if mfu else {}))
-            if is_eval: rec.update(run_eval(done))
-            if done % cfg.log_every == 0 or is_eval:  # not at stop_at_step alone: a resumed run logs the same lines
-                history.append(rec)
-                if rank == 0 and metrics_path is not None:
-                    with open(metrics_path, 'a') as f: f.write(_dumps(rec) + '\n')
-            if device.type == 'cpu' and threads is None: configure_cpu_threads(own=torch.get_num_threads())
-            sync(); t_last, steps_since = time.perf_counter(), 0
-        if out is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == stop):
-            check_finite()  # never save a diverged model
-            msd, osd = _gather_state(raw, opt, cfg.fsdp and world > 1)
-            if rank == 0:
-                st = dict(step=done, optimizer=osd, rng=rng_state(), config=dataclasses.asdict(cfg),
-                          **(state_extra(done) if state_extra is not None else {}))
-                ckpt = save_checkpoint(ckpt_root, done, msd, st, cfg.keep_ckpts)
-                if on_checkpoint is not None: on_checkpoint(ckpt)
-            if world > 1: torch.distributed.barrier()
-        bar.update(1)
+    trusted = []  # modules whose per-call value checks are off after the first step (restored at the end)
+    try:
+        for step in range(start, stop):
+            lr = lr_at(step, cfg.max_steps, cfg.lr, warmup, cfg.min_lr_ratio, cfg.schedule, cfg.decay_frac)
+            for g in opt.param_groups: g['lr'] = lr * g.get('lr_scale', 1.0)
+            loss_sum = torch.zeros((), device=device); extra_sum = {}
+            for micro in range(A):
+                batch = next(feed) if feed is not None else to_device(batch_fn((step * A + micro) * world + rank), device)
+                with _sync_context(wrapped, cfg, world, micro == A - 1):
+                    with autocast(): loss, extra = _as_loss(loss_fn(model_, batch))
+                    (loss / A).backward()
+                loss_sum += loss.detach() / A
+                for k, v in extra.items(): extra_sum[k] = extra_sum.get(k, 0) + (v.detach() if isinstance(v, torch.Tensor) else v) / A
+            gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
+            gn = gn.full_tensor() if hasattr(gn, 'full_tensor') else gn
+            bad_step = torch.where((bad_step < 0) & ~(torch.isfinite(loss_sum) & torch.isfinite(gn)), step + 1, bad_step)
+            opt.step(); opt.zero_grad(set_to_none=True)
+            if after_step is not None: after_step(raw, step)
+            if step == start: trusted = _skip_value_checks(raw)  # the first step checked the batches' values
+            done, steps_since = step + 1, steps_since + 1
+            is_eval = eval_fn is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps)
+            if is_eval or done % cfg.log_every == 0 or done == stop:
+                check_finite()
+                if world > 1:  # the logged loss and tensor metrics are means over the processes
+                    torch.distributed.all_reduce(loss_sum); loss_sum /= world
+                    for k, v in extra_sum.items():
+                        if isinstance(v, torch.Tensor):  # (on the device: NCCL reduces no CPU tensor)
+                            v = v.to(device, torch.float32); torch.distributed.all_reduce(v); extra_sum[k] = v / world
+                sync(); now = time.perf_counter()  # tokens/s after the device finished the steps
+                tps = steps_since * tokens_per_step / (now - t_last) if tokens_per_step else None
+                mfu = tps * flops_per_token / (peak * world) if tps and peak and flops_per_token else None
+                rec = dict(step=done, loss=loss_sum.item(), lr=lr, grad_norm=float(gn),
+                           **{k: _item(v) for k, v in extra_sum.items()})
+                if tokens_per_step: rec.update(tokens=done * tokens_per_step, tokens_per_s=round(tps, 1), mfu=mfu)
+                rec['elapsed_s'] = round(now - t0, 3)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", **({'tok_s': f"{tps:,.0f}"} if tps else {}),
+                                **({'mfu': f'{mfu:.1%}'} if mfu else {}))
+                if is_eval: rec.update(run_eval(done))
+                if done % cfg.log_every == 0 or is_eval:  # not at stop_at_step alone: a resumed run logs the same lines
+                    history.append(rec)
+                    if rank == 0 and metrics_path is not None:
+                        with open(metrics_path, 'a') as f: f.write(_dumps(rec) + '\n')
+                if device.type == 'cpu' and threads is None: configure_cpu_threads(own=torch.get_num_threads())
+                sync(); t_last, steps_since = time.perf_counter(), 0
+            if out is not None and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == stop):
+                check_finite()  # never save a diverged model
+                msd, osd = _gather_state(raw, opt, cfg.fsdp and world > 1)
+                if rank == 0:
+                    st = dict(step=done, optimizer=osd, rng=rng_state(), config=dataclasses.asdict(cfg),
+                              **(state_extra(done) if state_extra is not None else {}))
+                    ckpt = save_checkpoint(ckpt_root, done, msd, st, cfg.keep_ckpts)
+                    if on_checkpoint is not None: on_checkpoint(ckpt)
+                if world > 1: torch.distributed.barrier()
+            bar.update(1)
+    finally:
+        for m in trusted: m.check_values = True
     bar.close()
     check_finite()
     if cfg.compile: uncompile(raw)  # the caller gets the eager module back (generation with a KV cache, saving)

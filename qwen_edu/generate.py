@@ -317,10 +317,10 @@ def chat_cli(argv=None):
     p.add_argument('--repetition-penalty', type=float, default=None, help='default: generation_config.json, else 1.05')
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-    p.add_argument('--device', default='cpu', help="where the model runs: cpu, cuda, cuda:1, mps")
+    p.add_argument('--device', default='cpu', help="where the model runs: cpu, cuda, cuda:1, mps, auto (a GPU when there is one)")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1: p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    try: _check_device(a.device); check_seed(a.seed)  # before loading anything
+    try: a.device = _check_device(a.device); check_seed(a.seed)  # resolved ('auto' -> a device) before loading anything
     except (TypeError, ValueError) as e: p.error(str(e))
     from qwen_edu.hf import from_hf, resolve_checkpoint, read_json
     from qwen_edu.tokenizer import BPETokenizer

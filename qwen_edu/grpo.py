@@ -104,6 +104,7 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
     held-out accuracy. Each rollout samples `group_size` answers to `queries_per_step * pool_factor` queries, keeps the
     `queries_per_step` groups with the most reward variance, and takes `num_iterations` optimizer steps on them."""
     from qwen_edu.engine import fit, loop_config, init_distributed
+    from qwen_edu.distributed import autocast_for
     if not queries: raise ValueError("grpo_train needs at least one query")
     if not temperature > 0: raise ValueError(f"temperature must be > 0: GRPO samples its groups (got {temperature})")
     stop, pad = _special_id(tokenizer, '<|im_end|>'), tokenizer.eos_id or 0
@@ -127,7 +128,7 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
         rows = [q * group_size + g for q in keep for g in range(group_size)]
         r_kept = rewards[rows]
         Pk, Ck = [prompts[i] for i in rows], [comps[i] for i in rows]
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(dev, cfg.dtype):  # the precision of the policy's steps (ratio 1 at the start)
             ref_lp, _ = completion_token_logps(ref_model, Pk, Ck, pad, temperature)
             old_lp = completion_token_logps(policy, Pk, Ck, pad, temperature)[0] if num_iterations > 1 else None
         policy.train()  # sampling switched it to eval mode

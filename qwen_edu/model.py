@@ -19,7 +19,7 @@ from .moe import QwenSparseMoeBlock, load_balancing_loss
 __all__ = ['KVCache', 'repeat_kv', 'eager_attention', 'sdpa_attention', 'QwenAttention', 'QwenDecoderLayer',
            'build_attention_mask', 'default_position_ids', 'CausalLMOutput', 'RopeInputs', 'QwenModel', 'bad_labels',
            'check_labels', 'check_inputs', 'CrossEntropy', 'next_token_targets', 'causal_lm_loss', 'loss_chunk_size',
-           'ChunkedLinearCrossEntropy', 'chunked_causal_lm_loss', 'QwenForCausalLM']
+           'ChunkedLinearCrossEntropy', 'chunked_causal_lm_loss', 'chunked_token_nll', 'QwenForCausalLM']
 
 # %% ../nbs/05_model.ipynb #345ef8f9
 class KVCache:
@@ -146,12 +146,13 @@ class QwenDecoderLayer(nn.Module):
         return x + out, router_logits
 
 # %% ../nbs/05_model.ipynb #52128f8a
-def build_attention_mask(attention_mask, T: int, past: int, device, document_ids=None):
+def build_attention_mask(attention_mask, T: int, past: int, device, document_ids=None, read_values: bool = True):
     """(mask (B, 1, T, S) or None, is_causal) for T new tokens after `past` cached ones and a (B, S) 0/1 padding mask;
-    `document_ids` (B, T) (packed rows, no cache) also hides the keys of other documents: block-diagonal causal."""
+    `document_ids` (B, T) (packed rows, no cache) also hides the keys of other documents: block-diagonal causal.
+    An all-ones padding mask is dropped (fused causal path) only when its values may be read (`read_values`, eager)."""
     S = past + T
-    all_ones = attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all()))
-    if document_ids is None and all_ones:  # (compiled: a padding mask is always built, no value is read back)
+    all_ones = attention_mask is None or (read_values and not torch.compiler.is_compiling() and bool(attention_mask.all()))
+    if document_ids is None and all_ones:  # (compiled or not read_values: a padding mask is always built, no sync)
         if past == 0: return None, T > 1
         if T == 1: return None, False
         attention_mask = None
@@ -195,6 +196,7 @@ class QwenModel(nn.Module):
         self.layers = nn.ModuleList([QwenDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.activation_checkpointing = False  # recompute each block in the backward (set_activation_checkpointing)
+        self.check_values = True  # read input values back to check them (a host sync on a GPU); False: shapes only
         # float32 RoPE frequencies: not a buffer (never cast to bf16, never meta), copied once to each device used
         with torch.device('cpu'): self._inv_freq_cpu, self.attention_scaling = rope_parameters(config)
         self._inv_freq = {}  # device -> frequencies
@@ -223,7 +225,8 @@ class QwenModel(nn.Module):
         if position_ids is None: position_ids = default_position_ids(attention_mask, T, past, input_ids.device)
         x = self.embed_tokens(input_ids)
         rope = self.rope_inputs(position_ids, x.dtype, attention_mask, cache)
-        mask, is_causal = (None, False) if rope.cos is None else build_attention_mask(attention_mask, T, past, x.device, document_ids)
+        mask, is_causal = (None, False) if rope.cos is None else build_attention_mask(attention_mask, T, past, x.device, document_ids,
+                                                                                         self.check_values)
         router_logits = []
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
@@ -246,8 +249,10 @@ def check_labels(labels: torch.Tensor, vocab_size: int):
                      f"at {where} ({int(bad.sum())} such label{'s' * (int(bad.sum()) > 1)}) with vocab_size {vocab_size}; mask positions with -100 "
                      "(no other negative value), and check that the tokenizer matches the model's vocab_size")
 
-def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: int, device, document_ids=None):
-    "Raise a clear TypeError/ValueError for inputs the model cannot use."
+def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: int, device, document_ids=None,
+                 values: bool = True):
+    """Raise a clear TypeError/ValueError for inputs the model cannot use. The ids and labels are range-checked only
+    with `values` and when not compiling: that reads one value back, a host sync on a GPU."""
     if not isinstance(input_ids, torch.Tensor): raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
         raise TypeError(f"input_ids must be an integer tensor (torch.long), got {input_ids.dtype}; pass token ids, not embeddings")
@@ -266,7 +271,7 @@ def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: 
                          f"({config.max_position_embeddings}); truncate the input or use a config with a longer context")
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-    if not torch.compiler.is_compiling():  # compiled: no value is read back (no host sync, no graph break)
+    if values and not torch.compiler.is_compiling():  # compiled: no value is read back (no host sync, no graph break)
         lo, hi = torch.aminmax(input_ids)
         bad = (lo < 0) | (hi >= config.vocab_size)
         if labels is not None: bad = bad | bad_labels(labels, config.vocab_size).any()
@@ -366,6 +371,26 @@ def chunked_causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return ChunkedLinearCrossEntropy.apply(h, weight, target, n, chunk_size or loss_chunk_size(weight.shape[0], h.device), grads)
 
+@torch.no_grad()
+def chunked_token_nll(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shift: bool = True,
+                      chunk_size: int | None = None) -> torch.Tensor:
+    """Each position's cross-entropy (B, T) in float32 (0 where the target is -100), `chunk_size` tokens at a time: the
+    per-token losses of evaluation (bits per byte, log-likelihoods) without the (B, T, V) logits. No gradient."""
+    B, T = labels.shape
+    target = next_token_targets(labels, shift)
+    h = h.reshape(-1, h.shape[-1])
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dt), weight.to(dt)
+    chunk = chunk_size or loss_chunk_size(weight.shape[0], h.device)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        tc = target[s:s + chunk]
+        logits = (h[s:s + chunk] @ weight.t()).float()  # (c, V), freed with the chunk
+        nll = torch.logsumexp(logits, -1) - logits.gather(1, tc.clamp(min=0)[:, None])[:, 0]
+        out[s:s + chunk] = torch.where(tc != -100, nll, 0.0)
+    return out.view(B, T)
+
 # %% ../nbs/05_model.ipynb #af5fa1e3
 class QwenForCausalLM(nn.Module):
     "Qwen2/Qwen2.5 causal language model with transformers-identical parameter names."
@@ -413,29 +438,45 @@ class QwenForCausalLM(nn.Module):
         self.model.activation_checkpointing = bool(on)
         return self
 
+    def set_value_checks(self, on: bool = True):
+        """Range-check token ids and labels and drop all-ones padding masks (reads values back: a host sync per call on a
+        GPU), or check shapes only (`False`: what the training engine does after a run's first step)."""
+        self.model.check_values = bool(on)
+        return self
+
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 logits_to_keep: int = 0, document_ids=None, return_logits: bool = True,
-                shift_labels: bool = True) -> CausalLMOutput:
+                shift_labels: bool = True, loss_reduction: str = 'mean') -> CausalLMOutput:
         """Logits (B, T, V) (only the last `logits_to_keep` positions if > 0); loss when `labels`; the cache when `use_cache`.
         `document_ids` (B, T): packed rows, each token attends only to earlier tokens of the same document.
         `return_logits=False` (with labels): the loss in chunks, no (B, T, V) logits, `.logits` None.
-        `shift_labels=False`: labels[:, t] is the target of position t (default: labels[:, t+1], as transformers)."""
+        `shift_labels=False`: labels[:, t] is the target of position t (default: labels[:, t+1], as transformers).
+        `loss_reduction='none'`: `.loss` is each position's loss (B, T) (0 where ignored, no aux loss; with
+        `return_logits=False` computed in chunks, without gradient)."""
+        if loss_reduction not in ('mean', 'none'): raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
+        if loss_reduction == 'none' and not return_logits and torch.is_grad_enabled():
+            raise ValueError("per-token losses in chunks carry no gradient: call under torch.no_grad() or keep return_logits=True")
         if logits_to_keep and labels is not None: raise ValueError("logits_to_keep needs labels=None (the loss uses every position)")
         if not return_logits and labels is None:
             raise ValueError("return_logits=False computes only the loss: pass labels (or keep return_logits=True)")
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = cache.seq_len if cache is not None else 0
-        check_inputs(self.config, input_ids, labels, attention_mask, position_ids, past, self.lm_head.weight.device, document_ids)
+        check_inputs(self.config, input_ids, labels, attention_mask, position_ids, past, self.lm_head.weight.device, document_ids,
+                     self.model.check_values)
         h, router_logits = self.model(input_ids, attention_mask, position_ids, cache, document_ids)
         logits, loss = None, None
         if return_logits:
             logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-            if labels is not None: loss = causal_lm_loss(logits, labels, check=False, shift=shift_labels)  # checked above
+            if labels is not None and loss_reduction == 'none':
+                tgt = next_token_targets(labels, shift_labels)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt, reduction='none').view(labels.shape)
+            elif labels is not None: loss = causal_lm_loss(logits, labels, check=False, shift=shift_labels)  # checked above
+        elif loss_reduction == 'none': loss = chunked_token_nll(h, self.lm_head.weight, labels, shift=shift_labels)
         else: loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, shift=shift_labels)
         aux = None
         if router_logits:
             mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
             aux = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok, mask)
-            if loss is not None: loss = loss + self.config.router_aux_loss_coef * aux
+            if loss is not None and loss_reduction == 'mean': loss = loss + self.config.router_aux_loss_coef * aux
         return CausalLMOutput(logits, loss, cache if use_cache else None, aux, router_logits or None)

@@ -83,8 +83,9 @@ def stage_pretrain(cfg: PipelineConfig, ctx):
     from qwen_edu.train import latest_checkpoint
     out = cfg.run_dir / 'pretrain'
     resume = latest_checkpoint(out / 'ckpt') is not None
-    if out.exists() and not resume:  # an attempt cut before its first checkpoint: keep it aside, start again
-        out.rename(out.with_name(f'pretrain.incomplete.{time.strftime("%Y%m%d-%H%M%S")}'))
+    if out.exists() and not resume and int(os.environ.get('RANK', '0')) == 0:  # an attempt cut before its first
+        out.rename(out.with_name(f'pretrain.incomplete.{time.strftime("%Y%m%d-%H%M%S")}'))  # checkpoint: kept aside
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()  # (torchrun)
     r = train(pretrain_config(cfg, ctx, resume))
     return dict(out=str(r.out), steps=r.step, train_loss=r.train_loss, val_loss=r.val_loss, val_bpb=r.val_bpb,
                 unigram_loss=r.unigram_loss, tokens_per_s=r.tokens_per_s, plot=str(r.plot),
@@ -95,8 +96,10 @@ def stage_sample(cfg: PipelineConfig, ctx):
     "A continuation from the pre-trained model and, after post-training, the final model's answer to a held-out task."
     from qwen_edu.generate import generate
     from qwen_edu.tokenizer import BPETokenizer
+    from qwen_edu.distributed import resolve_device
     tok = BPETokenizer.from_hf(ctx['tokenizer']['tokenizer'])
-    model = load_trained_model(ctx['pretrain']['out'])
+    dev = resolve_device(cfg.device)  # where the stages trained (--device)
+    model = load_trained_model(ctx['pretrain']['out']).to(dev)
     ids = tok.encode(cfg.sample_prompt, disallowed_special=())
     new = generate(model, [ids], max_new_tokens=cfg.sample_tokens, temperature=0.7, top_k=40, seed=cfg.seed,
                    stop_tokens={tok.eos_id})[0]
@@ -106,7 +109,7 @@ def stage_sample(cfg: PipelineConfig, ctx):
         from qwen_edu.sft import generate_responses
         from qwen_edu.tasks import make_examples, score
         ex = make_examples('arith', 1, seed=cfg.seed, split='test')[0]
-        answer = generate_responses(load_trained_model(final), tok, [ex], n=1, temperature=0.0)[0][0]
+        answer = generate_responses(load_trained_model(final).to(dev), tok, [ex], n=1, temperature=0.0)[0][0]
         res.update(task_model=final, task_prompt=ex.prompt, task_answer=answer, task_correct=bool(score(ex, answer)))
     return res
 

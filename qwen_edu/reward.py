@@ -54,7 +54,8 @@ class RewardModel(nn.Module):
         T = input_ids.shape[1]
         if attention_mask is None: last = torch.full((input_ids.shape[0],), T - 1, device=input_ids.device)
         else:
-            if (attention_mask.sum(-1) == 0).any(): raise ValueError("a sequence has attention_mask all zeros: nothing to score")
+            if self.model.check_values and (attention_mask.sum(-1) == 0).any():  # (reads back: skipped when values are trusted)
+                raise ValueError("a sequence has attention_mask all zeros: nothing to score")
             last = (torch.arange(T, device=input_ids.device) * attention_mask).argmax(-1)
         return values.gather(1, last[:, None]).squeeze(1)
 

@@ -113,7 +113,7 @@ def check_train_config(cfg: TrainConfig):
             raise ValueError(f"{k} must be a finite number {rule}, got {v!r}; fix {_flag(k)}")
         if abs(v) > F32_MAX:  # finite in Python, but it becomes a float32 scalar or tensor
             raise ValueError(f"{k} = {v!r} overflows float32 (max {F32_MAX:.4g}), the type it is used in; fix {_flag(k)}")
-    for what, v, k in ((f"lr / (1 - beta1), AdamW's first step size,", cfg.lr / (1 - cfg.beta1), 'lr'),
+    for what, v, k in (("lr / (1 - beta1), AdamW's first step size,", cfg.lr / (1 - cfg.beta1), 'lr'),
                        ("lr * weight_decay, AdamW's decay factor,", cfg.lr * cfg.weight_decay, 'weight_decay')):
         if v > F32_MAX:
             raise ValueError(f"{what} is {v:.4g}, which overflows float32 (max {F32_MAX:.4g}); lower {_flag(k)}")
@@ -188,8 +188,8 @@ def evaluate(model, batches, device, token_bytes=None, autocast=nullcontext, ran
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats on text tokens, bytes
     for i in range(rank, len(batches), world):
         x, y = (t.to(device) for t in batches[i])
-        with autocast(): out = model(x)
-        nll = lm_loss(out, y, reduction='none').double()
+        with autocast():  # per-token losses in chunks: no (B, T, V) float32 logits (chapter 05)
+            nll = model(x, labels=y, return_logits=False, shift_labels=False, loss_reduction='none').loss.double().reshape(-1)
         sums[0] += nll.sum(); sums[1] += nll.numel()
         if token_bytes is not None:
             nb = token_bytes.to(device)[y.reshape(-1)]

@@ -218,3 +218,17 @@ def test_run_dpo_entry_point(tiny, tmp_path):
     for k in ('heldout_margin_before', 'heldout_margin_after', 'heldout_pref_accuracy_after', 'heldout_task_accuracy_after'):
         assert k in metrics
     assert (tmp_path / 'dpo_model.safetensors').exists() and (tmp_path / 'dpo_metrics.json').exists()
+
+
+def test_reference_logps_share_the_policys_precision(tiny, monkeypatch):
+    "Under bf16 autocast the frozen reference is scored in bf16 too: at the first step policy == reference, loss = log 2."
+    import qwen_edu.dpo as D
+    from qwen_edu.reward import make_preference_pairs
+    tok, model = tiny
+    seen, real = [], D.dpo_loss
+    monkeypatch.setattr(D, 'dpo_loss', lambda *a, **k: seen.append([t.detach().clone() for t in a[:4]]) or real(*a, **k))
+    pairs = make_preference_pairs(None, tok, make_examples_('arith', 12))
+    D.dpo_train(copy.deepcopy(model), tok, pairs, ref_model=copy.deepcopy(model), steps=1, batch_size=8, lr=1e-3,
+                dtype='bf16')
+    pc, pr, rc, rr = seen[0]
+    assert (pc - rc).abs().max() < 1e-4 and (pr - rr).abs().max() < 1e-4  # fp32 reference: about 1e-3 apart

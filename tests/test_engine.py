@@ -159,3 +159,44 @@ def test_compile_through_the_engine_returns_an_eager_model():
         losses[comp] = [h['loss'] for h in r.history]
         assert all(getattr(l, '_compiled_call_impl', None) is None for l in m.model.layers)
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+def test_value_checks_run_on_the_first_step_only_and_come_back():
+    """The first step range-checks the batches (a host sync per forward on a GPU); later steps check shapes only and
+    build the padding mask without reading it back; the flag is restored when fit returns, and when it raises."""
+    from qwen_edu.config import QwenConfig
+    from qwen_edu.model import QwenForCausalLM
+    torch.manual_seed(0)
+    m = QwenForCausalLM(QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    x, seen = torch.randint(0, 64, (2, 16)), []
+    def loss_fn(mm, b):
+        seen.append(mm.model.check_values)
+        return mm(b, labels=b, attention_mask=torch.ones_like(b)).loss
+    fit(m, LoopConfig(max_steps=3, lr=1e-2, grad_accum=2, device='cpu'), loss_fn, lambda i: x)
+    assert seen == [True, True, False, False, False, False] and m.model.check_values
+    bad = lambda i: x if i < 2 else x + 64  # ids out of range from step 1 on
+    with pytest.raises(IndexError):  # not read back by a check: the embedding lookup itself fails (on a CPU)
+        fit(m, LoopConfig(max_steps=3, lr=1e-2, device='cpu'), lambda mm, b: mm(b, labels=b).loss, bad)
+    assert m.model.check_values  # restored after the failure
+    with pytest.raises(ValueError, match='token ids must be in'):  # the first step checks
+        fit(m, LoopConfig(max_steps=3, lr=1e-2, device='cpu'), lambda mm, b: mm(b, labels=b).loss, lambda i: x + 64)
+
+
+def _ranks_worker(rank, init_file, out):
+    import json
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        x, y = linear_task()
+        loss_fn = lambda m, b: (((m(b[0]) - b[1]) ** 2).mean(), {'rank_value': torch.tensor(float(rank))})
+        r = fit(nn.Linear(3, 1), LoopConfig(max_steps=2, lr=0.1, log_every=1, device='cpu', progress=False), loss_fn,
+                lambda i: (x, y), dist=(rank, 2, torch.device('cpu')))
+        if rank == 0: open(out, 'w').write(json.dumps([h['rank_value'] for h in r.history]))
+    finally: torch.distributed.destroy_process_group()
+
+
+def test_extra_metrics_are_means_over_the_processes(tmp_path):
+    "A metric each process reports (its rank here) is logged as the mean over the processes, as the loss is."
+    import json, torch.multiprocessing as mp
+    mp.spawn(_ranks_worker, args=(str(tmp_path / 'init'), str(tmp_path / 'out.json')), nprocs=2)
+    assert json.loads((tmp_path / 'out.json').read_text()) == [0.5, 0.5]

@@ -222,6 +222,9 @@ def test_chat_and_cli(tmp_path, capsys, monkeypatch):
     (tmp_path / 'generation_config.json').write_text(json.dumps({'do_sample': False, 'repetition_penalty': 1.0}))
     assert chat_cli(['--model', str(tmp_path), '--prompt', 'hello', '--max-new-tokens', '8']) == 0  # settings from the file
     assert capsys.readouterr().out == reply + '\n'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # 'auto' is resolved (here: the CPU) before use
+    assert chat_cli(['--model', str(tmp_path), '--prompt', 'hello', '--max-new-tokens', '8', '--device', 'auto', '--seed', '0']) == 0
+    assert capsys.readouterr().out == reply + '\n'
     monkeypatch.setattr(sys, 'stdin', io.StringIO('hello\n/reset\nhello\n/exit\nnot read\n'))
     assert chat_cli(['--model', str(tmp_path), '--temperature', '0', '--repetition-penalty', '1', '--max-new-tokens', '8']) == 0
     assert capsys.readouterr().out == reply + '\n' + reply + '\n'

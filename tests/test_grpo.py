@@ -218,3 +218,18 @@ def test_log_probs_use_the_sampling_temperature(tok, monkeypatch):
         assert not torch.allclose(got, at_one, atol=1e-3)
     with pytest.raises(ValueError, match='temperature must be > 0'):
         G.grpo_train(pol, ref, tok, make_examples('arith', 1, seed=0), steps=1, temperature=0.0)
+
+
+def test_reference_and_old_logps_share_the_policys_precision(tok, monkeypatch):
+    "Under bf16 autocast the reference and old-policy log-probs are bf16 too: at the first step ratio 1 and KL 0 exactly."
+    import qwen_edu.grpo as G
+    from qwen_edu.sft import toy_model
+    from qwen_edu.tasks import make_examples
+    torch.manual_seed(0)
+    model = toy_model(tok, hidden_size=32).eval()
+    seen, real = [], G.grpo_loss
+    monkeypatch.setattr(G, 'grpo_loss', lambda *a, **k: seen.append([t.detach().clone() for t in a[:3]]) or real(*a, **k))
+    G.grpo_train(copy.deepcopy(model), copy.deepcopy(model), tok, make_examples('arith', 6, seed=0), steps=1, group_size=4,
+                 queries_per_step=2, max_new_tokens=5, num_iterations=2, dtype='bf16')
+    lp, old, ref = seen[0]
+    assert (lp - ref).abs().max() < 1e-4 and (lp - old).abs().max() < 1e-4  # fp32 ones: about 1e-3 apart

@@ -3,6 +3,7 @@ KV-cache decoding, padding, loss, and bad-input errors."""
 import math
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from qwen_edu.config import QwenConfig
 from qwen_edu.model import QwenForCausalLM, KVCache, default_position_ids
@@ -607,3 +608,34 @@ def test_activation_checkpointing_same_grads_and_recomputes(moe):
     for a, b in zip(load1, load2): assert torch.equal(a, b)  # the recomputation does not count tokens twice
     with torch.no_grad(): m(ids)  # no graph: nothing to recompute, runs plainly
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize('moe', [False, True])
+def test_per_token_losses_equal_cross_entropy(moe):
+    "loss_reduction='none': each position's loss, with or without the logits, equal to F.cross_entropy; no aux loss."
+    m = _tiny(tie=False, moe=moe)
+    ids = torch.randint(0, 300, (2, 16)); lb = ids.clone(); lb[0, :5] = -100
+    logits = m(ids).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 300), lb[:, 1:].reshape(-1), reduction='none').view(2, 15)
+    with torch.no_grad():
+        for rl in (True, False):
+            per = m(ids, labels=lb, return_logits=rl, loss_reduction='none').loss
+            assert per.shape == (2, 16) and (per[:, -1] == 0).all() and (per[0, :4] == 0).all()
+            torch.testing.assert_close(per[:, :-1], ref.detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='no gradient'):
+        m(ids, labels=lb, return_logits=False, loss_reduction='none')
+    with pytest.raises(ValueError, match="'mean' or 'none'"):
+        m(ids, labels=lb, loss_reduction='sum')
+
+
+def test_without_value_checks_the_padding_mask_is_built_and_equal():
+    "check_values=False reads nothing back: an all-ones padding mask is built, not dropped, and gives the same logits."
+    m = _tiny(tie=False)
+    ids = torch.randint(0, 300, (2, 16))
+    a = m(ids, attention_mask=torch.ones_like(ids)).logits
+    b = m.set_value_checks(False)(ids, attention_mask=torch.ones_like(ids)).logits
+    m.set_value_checks(True)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    from qwen_edu.model import build_attention_mask
+    assert build_attention_mask(torch.ones(2, 16), 16, 0, 'cpu')[0] is None
+    assert build_attention_mask(torch.ones(2, 16), 16, 0, 'cpu', read_values=False)[0].shape == (2, 1, 16, 16)

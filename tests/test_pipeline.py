@@ -211,6 +211,7 @@ def test_pipeline_under_torchrun_runs_every_stage_once(tmp_path):
     args = [a for a in SMALL]
     args[args.index('--stages') + 1] = 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    (run / 'pretrain').mkdir(parents=True); (run / 'pretrain' / 'metrics.jsonl').write_text('{}\n')  # a cut attempt
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                         '-m', 'qwen_edu.pipeline', '--out', str(run), '--device', 'cpu', *args],
                        capture_output=True, text=True, env=env, timeout=600)
@@ -219,3 +220,5 @@ def test_pipeline_under_torchrun_runs_every_stage_once(tmp_path):
     assert list(report) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
     assert report['sft']['model_run'] and (run / 'grpo' / 'ckpt').is_dir() and 'task_answer' in report['sample']
     assert r.stdout.count('qwen-edu pipeline report') == 1  # printed by rank 0 only
+    kept = list(run.glob('pretrain.incomplete.*'))  # set aside once (by rank 0), not by every process
+    assert len(kept) == 1 and (kept[0] / 'metrics.jsonl').read_text() == '{}\n'

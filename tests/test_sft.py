@@ -219,3 +219,19 @@ def test_message_text_is_plain_text_not_control_tokens(tok):
     # an assistant turn first (no user turn before it) still gets its mask
     ids, mask = tokenize_conversation(tok, [{'role': 'assistant', 'content': 'Answer: 4'}])
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == 'Answer: 4<|im_end|>'
+
+
+def test_sft_compiled_equals_eager(tok, model):
+    "compile=True (each block compiled; aot_eager on the CPU, as the compile tests) gives the eager run's losses."
+    import copy
+    import qwen_edu.distributed as D
+    from qwen_edu.tasks import make_examples
+    exs, losses, real, calls = make_examples('arith', 12, seed=0), {}, D.apply_compile, []
+    D.apply_compile = lambda m: calls.append(1) or real(m, backend='aot_eager')
+    try:
+        for comp in (False, True):
+            m = copy.deepcopy(model)
+            losses[comp] = sft_train(m, tok, exs, steps=3, batch_size=4, max_len=96, compile=comp)
+            assert all(getattr(l, '_compiled_call_impl', None) is None for l in m.model.layers)  # eager model back
+    finally: D.apply_compile = real
+    assert calls == [1] and losses[True] == pytest.approx(losses[False], abs=1e-4)

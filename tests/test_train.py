@@ -142,9 +142,10 @@ def test_bits_per_byte_with_byte_tokens():
     "With one byte per token bpb = loss / ln 2; control tokens count no bytes."
     tb = token_byte_lengths(ByteTokenizer(), 257)
     assert tb[:256].eq(1).all() and tb[256] == 0
-    class Uniform(torch.nn.Module):
-        def forward(self, x):
-            return type('O', (), {'logits': torch.zeros(*x.shape, 257), 'aux_loss': None})()
+    class Uniform(torch.nn.Module):  # evaluate asks for per-token losses: log 257 each (uniform over the vocabulary)
+        def forward(self, x, labels, return_logits, shift_labels, loss_reduction):
+            assert (return_logits, shift_labels, loss_reduction) == (False, False, 'none')
+            return type('O', (), {'loss': torch.full(x.shape, math.log(257))})()
     x = torch.randint(0, 256, (2, 8))
     r = evaluate(Uniform(), [(x, x)], torch.device('cpu'), tb)
     assert r['val_loss'] == pytest.approx(math.log(257)) and r['val_bpb'] == pytest.approx(math.log(257) / math.log(2))
@@ -465,8 +466,36 @@ def test_device_cuda_index(shards, tmp_path):
 
 def test_activation_checkpointing_flag_trains_the_same(shards, tmp_path):
     "--activation-checkpointing recomputes blocks in the backward: the same losses (fp32, CPU) as without it."
-    a = train(cfg_for(shards, tmp_path / 'a', max_steps=4, log_every=1))
+    train(cfg_for(shards, tmp_path / 'a', max_steps=4, log_every=1))
     b = train(cfg_for(shards, tmp_path / 'b', max_steps=4, log_every=1, activation_checkpointing=True))
     la = [m['loss'] for m in read_metrics(tmp_path / 'a' / 'metrics.jsonl')]
     lb = [m['loss'] for m in read_metrics(tmp_path / 'b' / 'metrics.jsonl')]
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5) and b.model.model.activation_checkpointing
+
+
+_EVAL_RSS_SCRIPT = r'''
+import resource, torch
+torch.set_num_threads(2)
+from qwen_edu.config import QwenConfig
+from qwen_edu.model import QwenForCausalLM
+from qwen_edu.train import evaluate
+c = QwenConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+torch.manual_seed(0); m = QwenForCausalLM(c)
+x = torch.randint(0, c.vocab_size, (2, 2049))
+evaluate(m, [(x[:, :8], x[:, 1:9])], 'cpu')  # warm up the libraries
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+r = evaluate(m, [(x[:, :-1], x[:, 1:])], 'cpu', token_bytes=torch.ones(c.vocab_size, dtype=torch.float64))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, r['val_loss'])
+'''
+
+
+def test_evaluation_never_holds_the_full_logits():
+    "Validation of 4,096 tokens at vocabulary 151,936 (full fp32 logits: 2.5 GB) grows the peak RSS by < 0.6 GB."
+    import subprocess, sys, os
+    r = subprocess.run([sys.executable, '-c', _EVAL_RSS_SCRIPT], capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '2'}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grown, loss = r.stdout.split()
+    assert int(grown) < 0.6e9, f"peak RSS grew by {int(grown) / 1e9:.2f} GB"
+    assert abs(float(loss) - math.log(151936)) < 0.1  # a random model: about log(vocab)
