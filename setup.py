@@ -14,6 +14,7 @@ py_versions = ['3.10', '3.11', '3.12', '3.13']
 
 requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
+eval_requirements = cfg.get('eval_requirements', '').split()  # lm-evaluation-harness and HumanEval's problems
 console_scripts = [s for s in cfg.get('console_scripts', '').split() if s]
 
 setuptools.setup(
@@ -36,7 +37,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires='>=' + min_python,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'eval': eval_requirements},
     entry_points={'console_scripts': console_scripts,
                   'nbdev': [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d']},
     zip_safe=False,

@@ -18,6 +18,8 @@ COMMANDS = {  # subcommand -> (module, function taking argv, one-line help)
     'data': ('qwen_edu.data', 'data_cli', 'build the filtered, mixed, decontaminated token shards (chapter 09)'),
     'train': ('qwen_edu.train', 'train_cli', 'pre-train a model, on one device or many via torchrun (chapter 10)'),
     'pipeline': ('qwen_edu.pipeline', 'pipeline_cli', 'the main job: tokenizer, data, pre-training, SFT, DPO, GRPO, report (chapter 16)'),
+    'eval': ('qwen_edu.eval', 'eval_cli', "a run's report card, or one checkpoint on held-out tasks, few-shot, HumanEval (chapter 17)"),
+    'harness': ('qwen_edu.eval.harness', 'harness_cli', 'lm-evaluation-harness with --model qwen-edu registered (chapter 17b; needs .[eval])'),
 }
 
 # %% ../nbs/99_cli.ipynb #be286286

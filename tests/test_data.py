@@ -477,6 +477,10 @@ def test_build_corpus_round_trip_and_reproducible(tmp_path):
         for p in pieces: assert tok.encode(tok.decode(p.tolist())) == p.tolist()       # round trip to the same tokens
         texts |= {tok.decode(p.tolist()) for p in pieces}
     assert any('<|endoftext|> about the number' in t for t in texts)                # literal special text kept as text
+    val = [json.loads(l) for l in (tmp_path/'a'/'val.jsonl').read_text().splitlines()]   # the val split as text:
+    assert len(val) == man['documents']['val'] and all(v['domain'] in ('code', 'prose', 'math') for v in val)
+    assert [tok.decode(p.tolist()) for p in _split_docs(np.asarray(D.open_tokens(tmp_path/'a', 'val')), tok.eos_id)] == \
+        [v['text'] for v in val]                                                       # exactly the documents of val.bin
     man2 = D.build_corpus(tmp_path/'b', tok, **kw)
     assert man2['shards']['sha256'] == man['shards']['sha256']                       # same inputs, same bytes
     assert man2['sources'] == man['sources'] and all(len(s['sha256']) == 64 for s in man['sources'])

@@ -148,6 +148,8 @@ def build_corpus(out_dir, tokenizer, sources=('builtin',), size=4_000_000, mixtu
                                    type=type(tokenizer).__name__),
                     documents=dict(train=len(train), val=len(val), train_domains=domain_bytes(train), val_domains=domain_bytes(val)),
                     shards=meta, seconds=round(_time.time() - t_start, 2))
+    _atomic_write(out/'val.jsonl', lambda f: f.write(''.join(  # the held-out documents as text, for per-domain metrics
+        json.dumps(dict(text=d['text'], domain=d.get('domain'), source=d.get('source'))) + '\n' for d in val).encode()))
     _atomic_write(out/'manifest.json', lambda f: f.write(json.dumps(manifest, indent=1, default=str).encode()))
     _log(verbose, f"wrote {meta['n_tokens']} tokens to {out} in {manifest['seconds']}s")
     return manifest
