@@ -58,9 +58,21 @@ def test_text_nll_and_bits_per_byte_equal_a_direct_forward(tiny):
     assert got == pytest.approx(direct, rel=1e-5)
     r = E.bits_per_byte(model, tok, texts)
     assert r['bpb'] == pytest.approx(sum(direct) / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5)
-    assert r['ci95'][0] <= r['bpb'] <= r['ci95'][1] or len(texts) < 5
-    w = E.text_nll(model, tok, texts, seq_len=4)  # windows of 4: every token still predicted exactly once
-    assert len(w) == 3 and all(v > 0 for v in w)
+    assert r['ci95'][0] <= r['bpb'] <= r['ci95'][1]
+    w = E.text_nll(model, tok, texts, seq_len=4)  # windows of 4 predictions: every token predicted exactly once
+    with torch.no_grad():
+        for t, got_w in zip(texts, w):
+            ids = [tok.eos_id] + tok.encode(t)
+            ref = 0.0
+            for s in range(0, len(ids) - 1, 4):  # each window: ids[s] .. ids[s+4], its own forward from a fresh start
+                x = torch.tensor([ids[s:s + 5]])
+                ref += torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction='sum').item()
+            assert got_w == pytest.approx(ref, rel=1e-5)
+    long = "What is 3 + 4? Answer: 7. " * 200  # longer than the model's context: windows of max_position_embeddings - 1
+    assert E.text_nll(model, tok, [long])[0] > 0
+    with pytest.raises(ValueError, match='seq_len must be an int in'): E.text_nll(model, tok, texts, seq_len=10**6)
+    with pytest.raises(ValueError, match='empty text'): E.bits_per_byte(model, tok, ['', 'x'])
+    with pytest.raises(ValueError, match="non-empty 'text'"): E.domain_bits_per_byte(model, tok, [{'domain': 'code'}])
     docs = [{'text': t, 'domain': d} for t, d in zip(texts, ['code', 'math', 'math'])]
     by = E.domain_bits_per_byte(model, tok, docs)
     assert set(by) == {'code', 'math', 'all'} and by['all']['bpb'] == pytest.approx(r['bpb'])
@@ -113,6 +125,13 @@ def test_eval_cli_refuses_bad_input_clearly(tmp_path, capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match='does not exist'): E.load_for_eval(tmp_path / 'missing')
     with pytest.raises(ValueError, match='unknown evaluation task'): E.evaluate_model(None, None, tasks=('mmlu',))
+    with pytest.raises(ValueError, match='unknown evaluation task'): E.evaluate_model(None, None, tasks='suite,mmlu')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='holds no checkpoint'): E.load_for_eval(tmp_path / 'empty')
+    with pytest.raises(SystemExit): E.eval_cli([str(tmp_path / 'empty'), '--tasks', 'bpb'])
+    assert 'needs a run' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='0 <= k <= n'): E.wilson_interval(True, 3)
+    with pytest.raises(ValueError, match='ngram must be in'): E.contaminated_items([[1] * 20], [[1] * 20], ngram=14)
 
 
 def test_a_pipeline_run_gets_its_report_card(tmp_path, capsys):

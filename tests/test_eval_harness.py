@@ -285,3 +285,23 @@ def test_cuda_matches_cpu(model, tok):
     assert [l for l, _ in gpu.loglikelihood(REQS)] == pytest.approx([l for l, _ in cpu.loglikelihood(REQS)], abs=1e-3)
     assert gpu.loglikelihood_rolling(['def f(x):\n    return x\n']) == pytest.approx(cpu.loglikelihood_rolling(['def f(x):\n    return x\n']), abs=1e-3)
     assert len(gpu.generate_until([('def f(x):', {'max_gen_toks': 4})])[0]) > 0
+
+
+def test_batches_near_the_context_limit_equal_one_request_at_a_time():
+    "A long context and a long continuation of other requests in one batch: still within the context, same numbers."
+    from qwen_edu.config import QwenConfig
+    from qwen_edu.model import QwenForCausalLM
+    from qwen_edu.sft import train_task_tokenizer
+    from qwen_edu.eval.harness import QwenEduLM
+    tok = train_task_tokenizer(vocab_size=320, n=100)
+    torch.manual_seed(0)
+    m = QwenForCausalLM(QwenConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)).eval()
+    many, one = QwenEduLM(m, tok, batch_size=8), QwenEduLM(m, tok, batch_size=1)  # default max_length: 64
+    ctx, cont = "What is 12+30? " * 5, " Answer: 42 and then" * 4
+    reqs = [(ctx, ' x'), ('a', cont), (ctx, cont[:20])]  # contexts of 69 (left-truncated) and 1 tokens, tails to 44
+    for (a, ga), (b, gb) in zip(many.loglikelihood(reqs), one.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    text = "What is 3+4? Answer: 7. " * 30  # several windows of 64 at the default max_length
+    assert many.loglikelihood_rolling([text])[0] == pytest.approx(one.loglikelihood_rolling([text])[0], abs=1e-3)

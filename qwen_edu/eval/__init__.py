@@ -19,7 +19,7 @@ __all__ = ['SUITE_FAMILIES', 'FEW_SHOT_FAMILIES', 'RUN_STAGES', 'MODEL_TASKS', '
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% (z = 1.96) Wilson score interval for k successes in n trials: unlike the normal approximation it stays
     inside [0, 1] and is not zero-width at 0/n or n/n."""
-    if not (isinstance(n, int) and isinstance(k, int)) or n < 1 or not 0 <= k <= n:
+    if not (isinstance(n, int) and isinstance(k, int)) or isinstance(n, bool) or isinstance(k, bool) or n < 1 or not 0 <= k <= n:
         raise ValueError(f"need integers 0 <= k <= n and n >= 1, got k={k!r}, n={n!r}")
     p, d = k / n, 1 + z * z / n
     mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
@@ -38,7 +38,8 @@ SUITE_FAMILIES = ('arith', 'word', 'code', 'instruct', 'table')
 
 def heldout_suite(families=SUITE_FAMILIES, n_per_family: int = 100, levels=(1, 2), seed: int = 0, max_tries: int = 20000):
     """Held-out examples of each task family, drawn without replacement: distinct prompts only, each in the held-out
-    split by prompt hash (so never a training prompt of chapters 12-16), at most `n_per_family` per family (fewer when the
+    split by prompt hash (so never a training prompt of the pipeline's SFT, DPO or GRPO, which draw the training split;
+    chapter 12's toy pre-training text draws both), at most `n_per_family` per family (fewer when the
     family has fewer distinct held-out prompts: then the whole held-out pool)."""
     from qwen_edu.tasks import TASKS, is_heldout
     out = []
@@ -78,7 +79,11 @@ def text_nll(model, tokenizer, texts, seq_len: int | None = None, batch_size: in
     is cut into consecutive windows of `seq_len` predictions (each window starts fresh; the loss in chunks, no logits)."""
     was = model.training; model.eval()
     dev = next(model.parameters()).device
-    T = seq_len or model.config.max_position_embeddings
+    mp = model.config.max_position_embeddings
+    T = seq_len or mp - 1  # a window is T predictions: T + 1 tokens
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= mp - 1:
+        raise ValueError(f"seq_len must be an int in [1, {mp - 1}] (a window of seq_len + 1 tokens fits the model's "
+                         f"{mp}), got {seq_len!r}")
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     rows, owner = [], []
     for i, t in enumerate(texts):
@@ -101,6 +106,7 @@ def bits_per_byte(model, tokenizer, texts, seq_len: int | None = None, batch_siz
     """Bits per UTF-8 byte over `texts` (a tokenizer-independent loss: models with different vocabularies compare),
     with a 95% bootstrap interval over the texts."""
     if not texts: raise ValueError("no texts to measure")
+    if any(isinstance(t, str) and not t for t in texts): raise ValueError("an empty text has no bytes to measure; drop it")
     nll = text_nll(model, tokenizer, texts, seq_len, batch_size)
     nb = [len(t.encode()) for t in texts]
     bits = [v / math.log(2) for v in nll]
@@ -108,11 +114,17 @@ def bits_per_byte(model, tokenizer, texts, seq_len: int | None = None, batch_siz
 
 def domain_bits_per_byte(model, tokenizer, docs, seq_len: int | None = None, batch_size: int = 8) -> dict:
     "Bits per byte per domain of documents {'text', 'domain'} (e.g. a corpus's val.jsonl), and over all of them."
+    if not docs: raise ValueError("no documents to measure")
+    bad = [i for i, d in enumerate(docs) if not isinstance(d, dict) or not isinstance(d.get('text'), str) or not d['text']]
+    if bad: raise ValueError(f"documents must be dicts with a non-empty 'text' (and a 'domain'); not so at {bad[:5]}")
+    texts = [d['text'] for d in docs]
+    nll = text_nll(model, tokenizer, texts, seq_len, batch_size)  # each document read once, then grouped
+    bits, nb = [v / math.log(2) for v in nll], [len(t.encode()) for t in texts]
+    def rec(idx): return dict(bpb=sum(bits[i] for i in idx) / sum(nb[i] for i in idx), bytes=sum(nb[i] for i in idx),
+                              ci95=_bootstrap_ratio([bits[i] for i in idx], [nb[i] for i in idx]), texts=len(idx))
     by = {}
-    for d in docs: by.setdefault(d.get('domain') or 'unknown', []).append(d['text'])
-    res = {k: bits_per_byte(model, tokenizer, v, seq_len, batch_size) for k, v in sorted(by.items())}
-    res['all'] = bits_per_byte(model, tokenizer, [d['text'] for d in docs], seq_len, batch_size)
-    return res
+    for i, d in enumerate(docs): by.setdefault(d.get('domain') or 'unknown', []).append(i)
+    return {**{k: rec(v) for k, v in sorted(by.items())}, 'all': rec(list(range(len(docs))))}
 
 # %% ../../nbs/17_eval.ipynb #6df6f9ec
 FEW_SHOT_FAMILIES = ('arith', 'word', 'table')  # short final answers a base model can complete after "Answer:"
@@ -133,8 +145,10 @@ def few_shot_accuracy(model, tokenizer, family: str, n: int = 100, shots: int = 
     prompts = [tokenizer.encode(few_shot_prompt(demo, e), disallowed_special=()) for e in items]
     was = model.training; model.eval()
     outs = []
+    stop = {tokenizer.eos_id} if tokenizer.eos_id is not None else 'default'  # a base model ends a document with it
     for b in range(0, len(prompts), batch_size):
-        outs += generate(model, prompts[b:b + batch_size], max_new_tokens=max_new_tokens, temperature=0.0)
+        outs += generate(model, prompts[b:b + batch_size], max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop)
+    outs = [[t for t in o if t != tokenizer.eos_id] for o in outs]
     model.train(was)
     lines = [tokenizer.decode(o).split('\n')[0] for o in outs]
     return accuracy_record([score(e, 'Answer: ' + l.strip()) for e, l in zip(items, lines)])
@@ -160,22 +174,27 @@ def evaluate_reward_by_family(rm, tokenizer, pairs, batch_size: int = 64) -> dic
 # %% ../../nbs/17_eval.ipynb #d0a6a53c
 def contaminated_items(train_seqs, items, min_lcs: int = 13, ratio: float = 0.6, ngram: int = 8) -> set:
     """Indices of the benchmark `items` (token sequences) that the report's rule flags against any window of any
-    training sequence: LCS >= min_lcs and >= ratio * the shorter length. Windows and the n-gram prefilter are chapter
-    09d's (a pair without a common `ngram`-gram is not compared: such a pair can still meet the rule, so this can miss
-    scattered overlaps, never a copied run of `ngram` tokens or more)."""
+    training sequence: LCS >= min_lcs and >= ratio * the shorter length. Windows are chapter 09d's (twice the item
+    length, half overlapping), sized per group of items of similar length (up to a power of two), so a short item is
+    not compared with windows cut for the longest. The n-gram prefilter is 09d's too: a pair without a common
+    `ngram`-gram is not compared, so this can miss scattered overlaps (a lower bound on the rule's count), never a
+    copied run of `ngram` tokens or more."""
     from qwen_edu.data.decontam import _windows, _ngram_candidates, lcs_length
+    if not 1 <= ngram <= min_lcs:
+        raise ValueError(f"ngram must be in [1, min_lcs={min_lcs}]: a longer n-gram misses even verbatim copies of min_lcs tokens")
     items = [np.asarray(e, np.int64) for e in items]
     live = [j for j, e in enumerate(items) if len(e) >= min_lcs]  # a shorter item can never meet the rule
-    if not live: return set()
-    L = max(len(items[j]) for j in live)
-    wins = [w for s in train_seqs for _, w in _windows(np.asarray(s, np.int64), 2 * L, L)]
+    groups = {}
+    for j in live: groups.setdefault(1 << (len(items[j]) - 1).bit_length(), []).append(j)
     found = set()
-    for w, cand in zip(wins, _ngram_candidates(wins, [items[j] for j in live], ngram)):
-        for c in cand:
-            j = live[c]
-            if j in found: continue
-            l = lcs_length(w, items[j])
-            if l >= min_lcs and l >= ratio * min(len(w), len(items[j])): found.add(j)
+    for L, js in sorted(groups.items()):
+        wins = [w for s in train_seqs for _, w in _windows(np.asarray(s, np.int64), 2 * L, L)]
+        for w, cand in zip(wins, _ngram_candidates(wins, [items[j] for j in js], ngram)):
+            for c in cand:
+                j = js[c]
+                if j in found: continue
+                l = lcs_length(w, items[j])
+                if l >= min_lcs and l >= ratio * min(len(w), len(items[j])): found.add(j)
     return found
 
 def contamination_report(benchmarks: dict, train_seqs, tokenizer, min_lcs: int = 13, ratio: float = 0.6) -> dict:
@@ -199,6 +218,9 @@ def load_for_eval(path, tokenizer=None, device='cpu'):
     p = Path(path)
     if not p.exists(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a run directory "
                                                "(RUN/pretrain, RUN/sft, ...) or a folder with config.json and *.safetensors")
+    if not any((p / f).exists() for f in ('config.json', 'ckpt', 'model.safetensors')):
+        raise FileNotFoundError(f"{str(path)!r} holds no checkpoint: expected config.json (transformers format), ckpt/ "
+                                "(a train() run) or model.safetensors (one checkpoint directory)")
     if (p / 'config.json').exists():
         from qwen_edu.hf import from_hf
         model = from_hf(p, device=device).eval()
@@ -222,9 +244,11 @@ def load_for_eval(path, tokenizer=None, device='cpu'):
 MODEL_TASKS = ('suite', 'fewshot', 'bpb', 'humaneval')  # what evaluate_model can run on one model
 
 def evaluate_model(model, tokenizer, tasks=('suite', 'fewshot'), n_per_family: int = 100, seq_len: int | None = None,
-                   val_docs=None, humaneval_problems=None, max_new_tokens: int = 64, seed: int = 0) -> dict:
+                   val_docs=None, humaneval_problems=None, max_new_tokens: int = 64, humaneval_tokens: int = 512,
+                   seed: int = 0) -> dict:
     """One model on the chosen `tasks`: 'suite' (held-out task families, chat prompts), 'fewshot' (base-model k-shot),
     'bpb' (bits per byte per domain of `val_docs`), 'humaneval' (pass@1, greedy, in the sandbox)."""
+    if isinstance(tasks, str): tasks = tuple(t for t in tasks.split(',') if t)
     unknown = set(tasks) - set(MODEL_TASKS)
     if unknown: raise ValueError(f"unknown evaluation task(s) {sorted(unknown)}; choose from {list(MODEL_TASKS)}")
     res = {}
@@ -238,12 +262,13 @@ def evaluate_model(model, tokenizer, tasks=('suite', 'fewshot'), n_per_family: i
     if 'humaneval' in tasks:
         from qwen_edu.eval.humaneval import load_humaneval, evaluate_humaneval
         res['humaneval'] = evaluate_humaneval(model, tokenizer, humaneval_problems or load_humaneval(), n=1, k=(1,),
-                                              max_new_tokens=max_new_tokens)
+                                              max_new_tokens=humaneval_tokens)  # (capped at the model's context)
     return res
 
 
 def evaluate_run(run_dir, stages=RUN_STAGES, n_per_family: int = 150, humaneval: bool = True, device='cpu',
-                 seed: int = 0, reward_model=None, reward_pairs=None, longctx_csv=None, verbose: bool = False) -> dict:
+                 seed: int = 0, reward_model=None, reward_pairs=None, longctx_csv=None, humaneval_tokens: int = 512,
+                 verbose: bool = False) -> dict:
     """The report card's numbers for a pipeline run (chapter 16): every stage's model on the held-out suite; the base
     model also on bits per byte per domain (the corpus's held-out documents), few-shot tasks and HumanEval; and the
     LCS contamination check of each benchmark against the pre-training tokens. Optionally a reward model's pairwise
@@ -267,7 +292,7 @@ def evaluate_run(run_dir, stages=RUN_STAGES, n_per_family: int = 150, humaneval:
         tasks = ('suite',) + (('fewshot',) + (('bpb',) if val else ()) + (('humaneval',) if humaneval else ()) if base else ())
         if verbose: print(f"[eval] {s}: {', '.join(tasks)}")
         out['stages'][s] = evaluate_model(model, tok, tasks, n_per_family, seq_len=_trained_seq_len(run / s),
-                                          val_docs=val, seed=seed)
+                                          val_docs=val, humaneval_tokens=humaneval_tokens, seed=seed)
     benches = {'suite': [e.prompt for e in heldout_suite(n_per_family=n_per_family, seed=seed)]}
     if humaneval:
         from qwen_edu.eval.humaneval import load_humaneval
@@ -375,29 +400,36 @@ def eval_cli(argv=None):
     p = argparse.ArgumentParser(prog='qwen-edu eval', description='Evaluate a pipeline run or one checkpoint (chapter 17).')
     p.add_argument('path', help='a pipeline run (RUN with tokenizer/, data/, pretrain/...) or one checkpoint folder')
     p.add_argument('--tokenizer', default=None, help='tokenizer folder (default: found beside the checkpoint)')
-    p.add_argument('--tasks', default='suite,fewshot', help=f"for one checkpoint: comma-separated, from {','.join(MODEL_TASKS)}")
+    p.add_argument('--tasks', default=None, help=f"for one checkpoint: comma-separated, from suite,fewshot,humaneval "
+                   "(default suite,fewshot; a run's card has its own fixed set)")
     p.add_argument('--n', type=int, default=150, help='held-out prompts per task family (at most; 150: 611 in all)')
     p.add_argument('--no-humaneval', action='store_true', help='for a run: skip HumanEval')
     p.add_argument('--out', default=None, help='write report_card.md/.png/.json here (default: RUN/eval for a run; '
                                                'for one checkpoint: printed only)')
+    p.add_argument('--humaneval-tokens', type=int, default=512, help='new tokens per HumanEval completion (real '
+                   'solutions need up to ~400 Qwen tokens)')
     p.add_argument('--device', default='cpu')
     a = p.parse_args(argv)
+    if a.humaneval_tokens < 1: p.error(f"--humaneval-tokens must be >= 1, got {a.humaneval_tokens}")
     if a.n < 1: p.error(f"--n must be >= 1, got {a.n}")
-    tasks = [t for t in a.tasks.split(',') if t]
+    tasks = [t for t in (a.tasks or 'suite,fewshot').split(',') if t]
     bad = [t for t in tasks if t not in MODEL_TASKS]
     if bad: p.error(f"unknown task(s) {bad}; choose from {', '.join(MODEL_TASKS)}")
+    if 'bpb' in tasks: p.error("'bpb' needs a run's held-out documents: evaluate the run directory instead")
     path = Path(a.path)
     if not path.exists(): p.error(f"{a.path!r} does not exist; pass a pipeline run directory or a checkpoint folder")
     from qwen_edu.distributed import resolve_device
     try: dev = str(resolve_device(a.device))
     except (TypeError, ValueError) as e: p.error(str(e))
     if (path / 'tokenizer').is_dir() and (path / 'data').is_dir():
-        res = evaluate_run(path, n_per_family=a.n, humaneval=not a.no_humaneval, device=dev, verbose=True)
+        if a.tasks is not None: p.error("--tasks is for one checkpoint; a run's card has a fixed set (use --no-humaneval)")
+        res = evaluate_run(path, n_per_family=a.n, humaneval=not a.no_humaneval, device=dev, verbose=True,
+                           humaneval_tokens=a.humaneval_tokens)
         print(report_card(res, a.out or path / 'eval'))
         return 0
     try: model, tok = load_for_eval(path, a.tokenizer, dev)
     except (FileNotFoundError, ValueError) as e: p.error(str(e))
-    if 'bpb' in tasks: p.error("'bpb' needs a run's held-out documents: evaluate the run directory instead")
-    res = dict(run=str(path), n_per_family=a.n, stages={path.name: evaluate_model(model, tok, tasks, a.n)})
+    res = dict(run=str(path), n_per_family=a.n,
+               stages={path.name: evaluate_model(model, tok, tasks, a.n, humaneval_tokens=a.humaneval_tokens)})
     print(report_card(res, a.out))
     return 0

@@ -49,10 +49,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1), logits.argmax(-1) == targets
 
 # %% ../../nbs/17b_eval_harness.ipynb #8ef60081
-def cache_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
-    "A new KVCache holding the rows `index` of `cache` (a row may repeat; `cache` itself is unchanged)."
+def cache_rows(cache: KVCache, index: torch.Tensor, drop: int = 0) -> KVCache:
+    """A new KVCache holding the rows `index` of `cache` (a row may repeat; `cache` itself is unchanged), without its
+    first `drop` positions (left padding that every selected row has)."""
     new = KVCache()
-    new.k, new.v, new.lengths, new.positions = dict(cache.k), dict(cache.v), dict(cache.lengths), cache.positions
+    new.k = {l: t[:, :, drop:cache.lengths[l]] for l, t in cache.k.items()}
+    new.v = {l: t[:, :, drop:cache.lengths[l]] for l, t in cache.v.items()}
+    new.lengths = {l: n - drop for l, n in cache.lengths.items()}
+    new.positions = cache.positions[:, drop:] if cache.positions is not None else None
     new.select(index)
     return new
 
@@ -64,6 +68,17 @@ def _tail_batch(conts: list[list[int]], pad_id: int):
     return ids, mask
 
 # %% ../../nbs/17b_eval_harness.ipynb #a1c7ac4f
+def _tail_chunks(tails, ctx_len, cont_len, batch_size, max_pos):
+    """Batches of at most `batch_size` (context row, request) whose longest context plus longest tail fits in the
+    model's context (every request fits alone; a long context and a long tail from other requests may not together)."""
+    chunks, cur = [], []
+    for r in tails:
+        cand = cur + [r]
+        need = max(ctx_len[b] for b, _ in cand) + max(cont_len[i] for _, i in cand) - 1
+        if cur and (len(cand) > batch_size or need > max_pos): chunks.append(cur); cand = [r]
+        cur = cand
+    return chunks + ([cur] if cur else [])
+
 @torch.inference_mode()
 def score_pairs(model: QwenForCausalLM, pairs: list, batch_size: int = 16, pad_id: int = 0) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), greedy?) of each (context ids, continuation ids) pair.
@@ -85,14 +100,15 @@ def score_pairs(model: QwenForCausalLM, pairs: list, batch_size: int = 16, pad_i
         l0, h0 = token_logprobs(last[src], torch.tensor([pairs[i][1][0] for _, i in rows], device=device))
         for (_, i), l, h in zip(rows, l0.tolist(), h0.tolist()): lp[i] += l; miss[i] += not h
         tails = sorted([r for r in rows if len(pairs[r[1]][1]) > 1], key=lambda r: -len(pairs[r[1]][1]))
-        for t in range(0, len(tails), batch_size):
-            chunk = tails[t:t + batch_size]
+        real = mask.sum(1).tolist()  # each context's own length (the rest of its row is left padding)
+        for chunk in _tail_chunks(tails, real, [len(p[1]) for p in pairs], batch_size, model.config.max_position_embeddings):
             conts = [pairs[i][1] for _, i in chunk]
             x, xm = _tail_batch(conts, pad_id)
             src = torch.tensor([b for b, _ in chunk], device=device)
+            cut = ids.shape[1] - max(real[b] for b, _ in chunk)  # padding columns no row of the chunk needs
             pos = mask[src].sum(1, keepdim=True) + torch.arange(x.shape[1], device=device)  # each after its own context
-            logits = model(x.to(device), attention_mask=torch.cat([mask[src], xm.to(device)], 1), position_ids=pos,
-                           past_key_values=cache_rows(cache, src), use_cache=True).logits  # (R, L, V)
+            logits = model(x.to(device), attention_mask=torch.cat([mask[src][:, cut:], xm.to(device)], 1), position_ids=pos,
+                           past_key_values=cache_rows(cache, src, cut), use_cache=True).logits  # (R, L, V)
             r_idx = torch.tensor([r for r, c in enumerate(conts) for _ in c[1:]], device=device)
             p_idx = torch.tensor([j for c in conts for j in range(len(c) - 1)], device=device)
             l1, h1 = token_logprobs(logits[r_idx, p_idx], torch.tensor([t for c in conts for t in c[1:]], device=device))
