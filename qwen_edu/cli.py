@@ -20,6 +20,7 @@ COMMANDS = {  # subcommand -> (module, function taking argv, one-line help)
     'pipeline': ('qwen_edu.pipeline', 'pipeline_cli', 'the main job: tokenizer, data, pre-training, SFT, DPO, GRPO, report (chapter 16)'),
     'eval': ('qwen_edu.eval', 'eval_cli', "a run's report card, or one checkpoint on held-out tasks, few-shot, HumanEval (chapter 17)"),
     'harness': ('qwen_edu.eval.harness', 'harness_cli', 'lm-evaluation-harness with --model qwen-edu registered (chapter 17b; needs .[eval])'),
+    'sweep': ('qwen_edu.scaling', 'sweep_cli', 'run or continue a scaling-law sweep into OUT/runs.csv (chapter 18)'),
 }
 
 # %% ../nbs/99_cli.ipynb #be286286

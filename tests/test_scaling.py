@@ -10,7 +10,8 @@ import qwen_edu.scaling as S
 from qwen_edu.scaling import (SweepSpec, check_sweep, run_sweep, read_runs, COLUMNS, shape_params, shape_config,
                               isoflop_runs, fit_power_law, fit_power_law2, fit_loss_law, loss_law, optimal_allocation,
                               law_objective, law_params, parabola_min, isoflop_optima, fit_isoflop, optimal_hparam,
-                              bootstrap, default_sweep, estimate_seconds)
+                              bootstrap, default_sweep, estimate_seconds, dense_equivalent, moe_multiplier, sweep_cli,
+                              run_flops, write_runs)
 
 DENSE = dict(hidden_size=32, num_hidden_layers=1, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1)
 MOE = dict(DENSE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=48)
@@ -271,5 +272,81 @@ def test_default_sweep_is_about_an_hour_of_dense_and_moe_isoflops():
     hp = pd.DataFrame([dict(n=r['shape']['hidden_size'], tokens=r['tokens'], lr=r['lr'], B=r['batch_size'])
                        for r in runs if r['budget'] is None])
     lr_groups = hp[hp.B == 16].groupby(['n', 'tokens']).lr.nunique()
-    assert len(lr_groups) == 4 and (lr_groups == 5).all()
+    assert len(lr_groups) == 6 and (lr_groups == 5).all()
+    total = [r for r in iso if r['budget_kind'] == 'total']
+    assert {r['arch'] for r in total} == {'dense'} and len({r['budget'] for r in total}) >= 4
     assert (hp[hp.lr == 3e-3].groupby(['n', 'tokens']).B.nunique().max() == 5)  # equal tokens at every batch size
+
+
+def test_isoflop_runs_in_total_flops():
+    runs = check_sweep(SweepSpec(runs=isoflop_runs([DENSE, MOE], [1e10, 3e10], 1e-3, 4, seq_len=32, kind='total',
+                                                   vocab_size=512), seq_len=32))
+    assert len(runs) == 4 and {r['budget_kind'] for r in runs} == {'total'}
+    for r in runs:  # the lm_head over the vocabulary and attention count: fewer tokens than 6 N D would give
+        per_token = shape_config(r['shape'], vocab_size=512, seq_len=32).flops_per_token(32)
+        assert r['tokens'] == pytest.approx(r['budget'] / per_token, abs=4 * 32)
+        assert r['tokens'] < r['budget'] / (6 * shape_params(r['shape'])[1])
+    with pytest.raises(ValueError, match="kind must be one of"): isoflop_runs([DENSE], [1e10], 1e-3, 4, kind='6nd')
+    with pytest.raises(ValueError, match="budget_kind must be one of"):  # a kind without a budget means nothing
+        check_sweep(SweepSpec(runs=[dict(DENSE, tokens=4096, lr=1e-3, batch_size=4, budget_kind='total')], seq_len=32))
+    old = check_sweep(SweepSpec(runs=isoflop_runs([DENSE], [1e10], 1e-3, 4, seq_len=32), seq_len=32))
+    assert old[0]['budget_kind'] == '6ND'
+
+
+def test_read_runs_fills_columns_an_older_table_lacks(tmp_path):
+    rows = []
+    for s, D in ((DENSE, 8192), (MOE, 16384)):
+        mc = shape_config(s, vocab_size=2048, seq_len=128)
+        flops, flops_total = run_flops(mc, D, 128)
+        rows.append(dict(run_id=f"r{D}", arch='moe' if s is MOE else 'dense', n_params=mc.num_params(non_embedding=True),
+                         n_active=mc.num_active_params(non_embedding=True), tokens=D, seq_len=128, flops=flops,
+                         flops_total=flops_total, budget=1e12 if s is DENSE else np.nan,
+                         **{k: getattr(mc, k) for k in S.SHAPE_FIELDS}))
+    pd.DataFrame(rows).to_csv(tmp_path / 'runs.csv', index=False)
+    df = read_runs(tmp_path / 'runs.csv')
+    assert df.budget_kind.iloc[0] == '6ND' and pd.isna(df.budget_kind.iloc[1])
+    want = [shape_params(s)[1] + 2048 * s['hidden_size'] for s in (DENSE, MOE)]
+    assert list(df.n_compute) == want  # solved back from flops_total: the activated parameters plus the lm_head
+
+
+def test_isoflop_vertex_tokens_from_the_runs():
+    rows = [dict(budget=C, n_active=N, tokens=C / (6 * N), val_loss=loss_law(N, C / (6 * N), **EPOCH))
+            for C in (1e18, 1e19) for N in np.logspace(7, 9, 9)]
+    df = pd.DataFrame(rows)
+    a, b = isoflop_optima(df), isoflop_optima(df, d='tokens')  # tokens interpolated at the vertex = C / (6 N_opt)
+    np.testing.assert_allclose(b.d_opt, a.d_opt, rtol=1e-9)
+    np.testing.assert_allclose(b.n_opt, optimal_allocation(b.budget, **EPOCH)[0], rtol=0.1)
+
+
+def test_dense_equivalent_and_moe_multiplier():
+    N, D = np.logspace(6, 8, 10), np.logspace(9, 11, 10)
+    L = loss_law(3.0 * N, D, **EPOCH)
+    np.testing.assert_allclose(dense_equivalent(L, D, **EPOCH), 3.0 * N, rtol=1e-6)
+    assert moe_multiplier(EPOCH, N, D, L) == pytest.approx(3.0, rel=1e-3)
+    assert moe_multiplier(EPOCH, N, D, loss_law(N, D, **EPOCH)) == pytest.approx(1.0, rel=1e-3)
+    assert np.isnan(dense_equivalent(EPOCH['E'], 1e12, **EPOCH))
+    with pytest.raises(ValueError, match='same length'): moe_multiplier(EPOCH, N, D, L[:-1])
+    with pytest.raises(ValueError, match='finite and > 0'): moe_multiplier(EPOCH, -N, D, L)
+
+
+def test_sweep_cli_runs_resumes_and_refuses_bad_specs(data_dir, tmp_path, capsys, count_train, one_torch_thread):
+    import json
+    spec = tmp_path / 'spec.json'
+    spec.write_text(json.dumps(dict(shapes=[DENSE], tokens=[2048], lrs=[3e-3], batch_sizes=[4], data=str(data_dir),
+                                    **TINY)))
+    out = tmp_path / 'sw'
+    assert sweep_cli([str(out), '--spec', str(spec), '--dry-run']) == 0
+    assert '1 left' in capsys.readouterr().out and not count_train
+    assert sweep_cli([str(out), '--spec', str(spec), '--cpu-threads', '1']) == 0
+    assert len(count_train) == 1 and len(read_runs(out / 'runs.csv')) == 1
+    assert sweep_cli([str(out), '--spec', str(spec)]) == 0 and len(count_train) == 1  # nothing left to train
+    assert '0 left' in (sweep_cli([str(out), '--spec', str(spec), '--dry-run']), capsys.readouterr().out)[1]
+    for text, msg in (('{"budgets": [1]}', "unknown SweepSpec field 'budgets'"), ('{not json', 'not valid JSON'),
+                      ('[1, 2]', 'JSON object'), (json.dumps(dict(shapes=[DENSE], tokens=[-5], lrs=[1e-3],
+                                                                      batch_sizes=[4])), 'tokens')):
+        spec.write_text(text)
+        with pytest.raises(SystemExit): sweep_cli([str(out), '--spec', str(spec)])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit): sweep_cli([str(out), '--spec', str(tmp_path / 'nope.json')])
+    assert 'does not exist' in capsys.readouterr().err
+    assert len(read_runs(out / 'runs.csv')) == 1  # the finished row is kept
