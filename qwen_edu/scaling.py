@@ -579,10 +579,12 @@ def _nearest_compute(shapes, n, k, vocab_size):
     return sorted(sorted(shapes, key=lambda s: abs(math.log(nc(s) / n)))[:k], key=nc)
 
 def default_sweep(budgets=(3e10, 1e11, 3e11, 1e12, 3e12), per_budget=6, lr=3e-3, batch_size=16, seq_len=128,
-                  max_tokens=5_000_000, total_budgets=(1e11, 3e11, 1e12, 3e12), vocab_size=2048) -> SweepSpec:
-    """The chapter's sweep (123 runs, about 75 minutes on one CPU core): dense and MoE IsoFLOP profiles in 6 N D
-    (non-embedding N), the dense one at 1e12 again with another seed (the noise); dense IsoFLOP profiles in total
-    FLOPs (lm_head and attention counted); learning-rate sweeps at six (N, D) points and batch-size sweeps at two."""
+                  max_tokens=5_000_000, total_budgets=(1e11, 3e11, 1e12, 3e12), total_batch_size=4, total_per_budget=7,
+                  vocab_size=2048) -> SweepSpec:
+    """The chapter's sweep: dense and MoE IsoFLOP profiles in 6 N D (non-embedding N), the dense one at 1e12 again
+    with another seed (the noise); dense IsoFLOP profiles in total FLOPs (lm_head and attention counted), first at
+    `batch_size` (budgets below the largest) and then at `total_batch_size` sequences, around 10 tokens per
+    parameter; learning-rate sweeps at six (N, D) points and batch-size sweeps at two."""
     dense = [dense_shape(h, l) for h, l in DEFAULT_SIZES]
     runs = []
     for C in budgets:  # the sizes around a first guess of 20 tokens per parameter; the valley's bottom is the fit's job
@@ -591,9 +593,12 @@ def default_sweep(budgets=(3e10, 1e11, 3e11, 1e12, 3e12), per_budget=6, lr=3e-3,
         runs += isoflop_runs([moe_shape(s) for s in near], [C], lr, batch_size, seq_len, max_tokens=max_tokens)
     runs += [dict(r, seed=1) for r in runs if r['budget'] == 1e12 and 'num_experts' not in r]
     total = [dense_shape(h, l) for h, l in TOTAL_SIZES]
-    for C in total_budgets:  # the same first guess, now with the lm_head in N and everything in C
+    for C in total_budgets[:-1]:  # the same first guess, now with the lm_head in N and everything in C
         runs += isoflop_runs(_nearest_compute(total, math.sqrt(C / 120), per_budget, vocab_size), [C], lr, batch_size,
                              seq_len, max_tokens=max_tokens, kind='total', vocab_size=vocab_size)
+    for C in total_budgets:       # a quarter of the batch: 4x the steps; the valley moved to ~10 tokens per parameter
+        runs += isoflop_runs(_nearest_compute(total, math.sqrt(C / 60), total_per_budget, vocab_size), [C], lr,
+                             total_batch_size, seq_len, max_tokens=max_tokens, kind='total', vocab_size=vocab_size)
     small, large = dense_shape(48, 2), dense_shape(96, 2)
     whole = lambda D: round(D / (64 * seq_len)) * 64 * seq_len            # whole steps at every batch size
     Ds = [whole(D) for D in (500_000, 2_000_000)]
