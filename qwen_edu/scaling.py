@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['SHAPE_FIELDS', 'RUN_KEYS', 'BUDGET_KINDS', 'SWEEP_SETS', 'COLUMNS', 'LAW_GRID', 'PUBLISHED', 'SWEEP_RATE',
-           'DEFAULT_SIZES', 'TOTAL_SIZES', 'shape_config', 'arch_of', 'shape_params', 'run_flops', 'SweepSpec',
-           'check_sweep', 'isoflop_runs', 'read_runs', 'write_runs', 'sweep_data', 'val_windows', 'run_sweep',
-           'fit_power_law', 'fit_power_law2', 'loss_law', 'optimal_allocation', 'law_objective', 'fit_loss_law',
-           'law_params', 'parabola_min', 'isoflop_optima', 'fit_isoflop', 'optimal_hparam', 'bootstrap',
+           'DEFAULT_SIZES', 'TOTAL_SIZES', 'LR_POINTS', 'shape_config', 'arch_of', 'shape_params', 'run_flops',
+           'SweepSpec', 'check_sweep', 'isoflop_runs', 'read_runs', 'write_runs', 'sweep_data', 'val_windows',
+           'run_sweep', 'fit_power_law', 'fit_power_law2', 'loss_law', 'optimal_allocation', 'law_objective',
+           'fit_loss_law', 'law_params', 'parabola_min', 'isoflop_optima', 'fit_isoflop', 'optimal_hparam', 'bootstrap',
            'dense_equivalent', 'moe_multiplier', 'dense_shape', 'moe_shape', 'estimate_seconds', 'default_sweep',
            'sweep_cli']
 
@@ -457,7 +457,10 @@ def isoflop_optima(df, n='n_active', loss='val_loss', budget='budget', min_runs=
     for C, g in df.dropna(subset=[loss, budget]).groupby(budget):
         if len(g) < min_runs: continue
         x, l = parabola_min(np.log(g[n]), g[loss])
-        d_opt = C / (6 * np.exp(x)) if d is None else float(np.exp(np.polyval(np.polyfit(np.log(g[n]), np.log(g[d]), 1), x)))
+        if d is None: d_opt = C / (6 * np.exp(x))
+        else:  # log D is close to linear in log N along a budget: interpolate it at the vertex
+            u, i = np.unique(np.log(g[n].to_numpy(float)), return_index=True)
+            d_opt = float(np.exp(np.interp(x, u, np.log(g[d].to_numpy(float))[i]))) if np.isfinite(x) else np.nan
         rows.append(dict(budget=C, n_opt=np.exp(x), d_opt=d_opt, loss_opt=l, n_runs=len(g),
                          best_n=g.loc[g[loss].idxmin(), n], interior=bool(g[n].min() <= np.exp(x) <= g[n].max())))
     return pd.DataFrame(rows, columns=['budget', 'n_opt', 'd_opt', 'loss_opt', 'n_runs', 'best_n', 'interior'])
@@ -578,37 +581,41 @@ def _nearest_compute(shapes, n, k, vocab_size):
     nc = lambda s: shape_params(s)[1] + vocab_size * s['hidden_size']
     return sorted(sorted(shapes, key=lambda s: abs(math.log(nc(s) / n)))[:k], key=nc)
 
+LR_POINTS = ((48, 2, 500_000), (48, 2, 2_000_000), (96, 2, 500_000), (96, 2, 2_000_000), (32, 1, 500_000),
+             (64, 2, 1_000_000))  # (hidden, layers, tokens) of the learning-rate sweeps
+
 def default_sweep(budgets=(3e10, 1e11, 3e11, 1e12, 3e12), per_budget=6, lr=3e-3, batch_size=16, seq_len=128,
-                  max_tokens=5_000_000, total_budgets=(1e11, 3e11, 1e12, 3e12), total_batch_size=4, total_per_budget=7,
-                  vocab_size=2048) -> SweepSpec:
-    """The chapter's sweep: dense and MoE IsoFLOP profiles in 6 N D (non-embedding N), the dense one at 1e12 again
-    with another seed (the noise); dense IsoFLOP profiles in total FLOPs (lm_head and attention counted), first at
-    `batch_size` (budgets below the largest) and then at `total_batch_size` sequences, around 10 tokens per
-    parameter; learning-rate sweeps at six (N, D) points and batch-size sweeps at two."""
-    dense = [dense_shape(h, l) for h, l in DEFAULT_SIZES]
+                  max_tokens=5_000_000, total_budgets=(1e11, 3e11, 1e12), small_batch_budgets=(1e11, 3e11, 6e11, 1e12, 3e12),
+                  total_batch_size=4, total_per_budget=7, sizes=DEFAULT_SIZES, total_sizes=TOTAL_SIZES,
+                  lr_points=LR_POINTS, lr_factors=(0.25, 0.5, 1, 2, 4), batch_shape=(96, 2),
+                  batch_tokens=(500_000, 2_000_000), batch_sizes=(4, 8, 32, 64), seed_budget=1e12, vocab_size=2048,
+                  **spec_kw) -> SweepSpec:
+    """The chapter's sweep: dense and MoE IsoFLOP profiles in 6 N D (non-embedding N), the dense one at `seed_budget`
+    again with another seed (the noise); dense IsoFLOP profiles in total FLOPs (lm_head and attention counted), first
+    at `batch_size` (total_budgets) and then at `total_batch_size` sequences around 10 tokens per parameter
+    (small_batch_budgets); learning-rate sweeps at `lr_points` and batch-size sweeps of `batch_shape`. Sizes, budgets
+    and points are plain arguments, the rest (data, vocab_size, eval_tokens...) goes to SweepSpec."""
+    dense = [dense_shape(h, l) for h, l in sizes]
     runs = []
     for C in budgets:  # the sizes around a first guess of 20 tokens per parameter; the valley's bottom is the fit's job
         near = _nearest(dense, math.sqrt(C / 120), per_budget)
         runs += isoflop_runs(near, [C], lr, batch_size, seq_len, max_tokens=max_tokens)
         runs += isoflop_runs([moe_shape(s) for s in near], [C], lr, batch_size, seq_len, max_tokens=max_tokens)
-    runs += [dict(r, seed=1) for r in runs if r['budget'] == 1e12 and 'num_experts' not in r]
-    total = [dense_shape(h, l) for h, l in TOTAL_SIZES]
-    for C in total_budgets[:-1]:  # the same first guess, now with the lm_head in N and everything in C
+    runs += [dict(r, seed=1) for r in runs if r['budget'] == seed_budget and 'num_experts' not in r]
+    total = [dense_shape(h, l) for h, l in total_sizes]
+    for C in total_budgets:  # the same first guess, now with the lm_head in N and everything in C
         runs += isoflop_runs(_nearest_compute(total, math.sqrt(C / 120), per_budget, vocab_size), [C], lr, batch_size,
                              seq_len, max_tokens=max_tokens, kind='total', vocab_size=vocab_size)
-    for C in total_budgets:       # a quarter of the batch: 4x the steps; the valley moved to ~10 tokens per parameter
+    for C in small_batch_budgets:  # a quarter of the batch: 4x the steps; the valley moved to ~10 tokens per parameter
         runs += isoflop_runs(_nearest_compute(total, math.sqrt(C / 60), total_per_budget, vocab_size), [C], lr,
                              total_batch_size, seq_len, max_tokens=max_tokens, kind='total', vocab_size=vocab_size)
-    small, large = dense_shape(48, 2), dense_shape(96, 2)
-    whole = lambda D: round(D / (64 * seq_len)) * 64 * seq_len            # whole steps at every batch size
-    Ds = [whole(D) for D in (500_000, 2_000_000)]
-    points = [(s, D) for s, D in itertools.product((small, large), Ds)]   # lr: 6 (N, D) points x 5 rates
-    points += [(dense_shape(32, 1), whole(500_000)), (dense_shape(64, 2), whole(1_000_000))]
-    for s, D in points:
-        runs += [dict(s, tokens=D, lr=lr * f, batch_size=batch_size) for f in (0.25, 0.5, 1, 2, 4)]
-    for D in Ds:                                                         # batch: 2 data sizes x 4 more batches
-        runs += [dict(large, tokens=D, lr=lr, batch_size=b) for b in (4, 8, 32, 64)]
-    return SweepSpec(runs=runs, seq_len=seq_len)
+    unit = max((batch_size, *batch_sizes)) * seq_len
+    whole = lambda D: max(1, round(D / unit)) * unit                      # whole steps at every batch size
+    for h, l, D in lr_points:                                            # lr: each point x the factors
+        runs += [dict(dense_shape(h, l), tokens=whole(D), lr=lr * f, batch_size=batch_size) for f in lr_factors]
+    for D in batch_tokens:                                               # batch: each data size x the other batches
+        runs += [dict(dense_shape(*batch_shape), tokens=whole(D), lr=lr, batch_size=b) for b in batch_sizes]
+    return SweepSpec(runs=runs, seq_len=seq_len, vocab_size=vocab_size, **spec_kw)
 
 # %% ../nbs/18_scaling.ipynb #607b7b37
 def _remaining_spec(spec, runs):

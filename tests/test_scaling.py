@@ -350,3 +350,18 @@ def test_sweep_cli_runs_resumes_and_refuses_bad_specs(data_dir, tmp_path, capsys
     with pytest.raises(SystemExit): sweep_cli([str(out), '--spec', str(tmp_path / 'nope.json')])
     assert 'does not exist' in capsys.readouterr().err
     assert len(read_runs(out / 'runs.csv')) == 1  # the finished row is kept
+
+
+def test_a_gpu_sized_sweep_is_plain_arguments_and_round_trips_through_json(tmp_path, capsys):
+    import json
+    gpu = default_sweep(budgets=(), total_budgets=(), small_batch_budgets=(1e16, 1e17), total_sizes=((256, 4), (512, 8)),
+                        batch_size=64, total_batch_size=64, seq_len=1024, max_tokens=None, vocab_size=32768,
+                        lr_points=((384, 6, 2e8),), batch_shape=(512, 8), batch_tokens=(5e8,), batch_sizes=(32, 128),
+                        data=str(tmp_path / 'gpu-data'), train_kw=dict(dtype='bf16'))
+    runs = check_sweep(gpu)
+    assert {r['budget_kind'] for r in runs if r['budget']} == {'total'} and len(runs) == 4 + 5 + 2
+    assert all(r['tokens'] % (128 * 1024) == 0 for r in runs if r['budget'] is None)  # whole steps at every batch
+    spec = tmp_path / 'gpu.json'
+    spec.write_text(json.dumps(dataclasses.asdict(gpu)))
+    assert sweep_cli([str(tmp_path / 'out'), '--spec', str(spec), '--dry-run']) == 0
+    assert f"{len(runs)} runs: 0 done" in capsys.readouterr().out
