@@ -6,10 +6,10 @@
 __all__ = ['SHAPE_FIELDS', 'RUN_KEYS', 'BUDGET_KINDS', 'SWEEP_SETS', 'COLUMNS', 'LAW_GRID', 'PUBLISHED', 'SWEEP_RATE',
            'DEFAULT_SIZES', 'TOTAL_SIZES', 'LR_POINTS', 'shape_config', 'arch_of', 'shape_params', 'run_flops',
            'SweepSpec', 'check_sweep', 'isoflop_runs', 'read_runs', 'write_runs', 'sweep_data', 'val_windows',
-           'run_sweep', 'fit_power_law', 'fit_power_law2', 'loss_law', 'optimal_allocation', 'law_objective',
-           'fit_loss_law', 'law_params', 'parabola_min', 'isoflop_optima', 'fit_isoflop', 'optimal_hparam', 'bootstrap',
-           'dense_equivalent', 'moe_multiplier', 'dense_shape', 'moe_shape', 'estimate_seconds', 'default_sweep',
-           'sweep_cli']
+           'run_sweep', 'fit_power_law', 'fit_power_law2', 'fit_power_law_floor', 'loss_law', 'optimal_allocation',
+           'law_objective', 'fit_loss_law', 'law_params', 'parabola_min', 'isoflop_optima', 'fit_isoflop',
+           'optimal_hparam', 'bootstrap', 'dense_equivalent', 'moe_multiplier', 'dense_shape', 'moe_shape',
+           'estimate_seconds', 'default_sweep', 'sweep_cli']
 
 # %% ../nbs/18_scaling.ipynb #329931d2
 import contextlib, dataclasses, hashlib, itertools, json, math, os, shutil, time, typing
@@ -374,6 +374,23 @@ def fit_power_law2(x1, x2, y):
                                                       "collinear): sweep both")
     c = np.linalg.lstsq(X, _log_positive(y, 'y'), rcond=None)[0]
     return float(np.exp(c[0])), float(c[1]), float(c[2])
+
+def fit_power_law_floor(x, y):
+    """(E, k, g) of y = E + k * x**-g with 0 <= E < min(y): a power law that levels off at E (a loss with an
+    irreducible part), least squares of the relative error from several starting exponents."""
+    from scipy.optimize import least_squares
+    lx, ly = _log_positive(x, 'x'), _log_positive(y, 'y')
+    if len(lx) != len(ly): raise ValueError(f"x and y differ in length ({len(lx)} vs {len(ly)})")
+    if len(np.unique(lx)) < 3: raise ValueError("a power law with a floor has 3 numbers: it needs 3 distinct x values")
+    x, y = np.exp(lx), np.exp(ly)
+    res = lambda p: (p[0] + np.exp(p[1] - p[2] * lx)) / y - 1
+    best = None
+    for g0 in (0.05, 0.1, 0.2, 0.4, 0.8):
+        E0 = 0.5 * y.min(); k0 = np.log(np.mean((y - E0) * x**g0))
+        r = least_squares(res, [E0, k0, g0], bounds=([0, -np.inf, 0], [y.min() * (1 - 1e-9), np.inf, 3]))
+        if best is None or r.cost < best.cost: best = r
+    E, lk, g = best.x
+    return float(E), float(np.exp(lk)), float(g)
 
 # %% ../nbs/18_scaling.ipynb #e58db236
 def loss_law(N, D, E, A, B, alpha, beta):
