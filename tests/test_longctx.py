@@ -218,3 +218,15 @@ def test_grid_rows_and_ruler(short_model):
     assert 0 <= ruler_task(plain, bt, 'vartrack', 400, trials=2) <= 1
     with pytest.raises(ValueError, match='unknown RULER task'): ruler_task(plain, bt, 'qa', 400)
     assert kv_cache_bytes(plain.config, 1000) == 2 * 2 * 2 * 32 * 1000 * 4
+
+
+def test_row_mean_loss_weighs_rows_equally(short_model):
+    from qwen_edu.longctx import row_mean_loss
+    x = torch.randint(0, 257, (3, 32), generator=torch.Generator().manual_seed(3))
+    y = x.roll(-1, 1).clone()
+    y[1, :-1] = -100            # one target in row 1
+    y[2] = -100                 # none in row 2: left out
+    with torch.no_grad():
+        nll = short_model(x, labels=y, shift_labels=False, loss_reduction='none').loss
+        got = row_mean_loss(short_model, (x, y))
+    torch.testing.assert_close(got, (nll[0].mean() + nll[1, -1]) / 2)
