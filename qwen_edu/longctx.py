@@ -22,10 +22,10 @@ __all__ = ['INTRO', 'FILLER', 'NEEDLE', 'QUESTION', 'MAX_KEY', 'WORDS', 'MK_NEED
            'VT_QUESTION', 'TASKS', 'VARIANTS', 'long_documents', 'document_stream', 'longctx_tokenizer',
            'is_held_out_key', 'draw_key', 'haystack_prompt', 'passkey_prompt', 'first_integer', 'score_answer',
            'multikey_prompt', 'variable_tracking_prompt', 'retrieval_example', 'LongMix', 'small_config', 'StageLoop',
-           'Stage', 'two_stage', 'progressive', 'stage_config', 'train_stage', 'hash_name', 'run_stages',
-           'extended_config', 'supported_length', 'check_eval_length', 'variant_model', 'generate_long',
+           'Stage', 'two_stage', 'progressive', 'stage_config', 'row_mean_loss', 'train_stage', 'hash_name',
+           'run_stages', 'extended_config', 'supported_length', 'check_eval_length', 'variant_model', 'generate_long',
            'generation_memory', 'kv_cache_bytes', 'score_generations', 'passkey_cell', 'passkey_grid', 'ruler_task',
-           'loss_by_position', 'longctx_experiment']
+           'loss_by_position', 'longctx_experiment', 'long_sft']
 
 # %% ../nbs/19_longctx.ipynb #3bf26fe2
 def long_documents(split: str = 'train', max_chars: int | None = None) -> list[str]:
@@ -189,7 +189,11 @@ def retrieval_example(tokenizer, kind: str, n_tokens: int, rng: random.Random, f
         key = draw_key(rng, held_out=False)
         return _with_answers(tokenizer, passkey_prompt(tokenizer, n_tokens, rng.random(), key, seed, filler), [(None, f" {key}.")])
     if kind == 'vartrack':
-        ids, key = variable_tracking_prompt(tokenizer, n_tokens, rng.randint(1, 2), seed, filler, held_out=False)
+        hops = rng.randint(1, 2)
+        try: ids, key = variable_tracking_prompt(tokenizer, n_tokens, hops, seed, filler, held_out=False)
+        except ValueError:  # one hop when the haystack is too short for two
+            if hops == 1: raise
+            ids, key = variable_tracking_prompt(tokenizer, n_tokens, 1, seed, filler, held_out=False)
         return _with_answers(tokenizer, ids, [(None, f" {key}.")])
     if kind == 'multikey':
         words = rng.sample(WORDS, rng.randint(2, 4))
@@ -219,7 +223,7 @@ class LongMix:
     batch_size: int = 16
     long_frac: float = 0.4
     synth_frac: float = 0.75
-    tasks: tuple = TASKS             # synthetic retrieval tasks, drawn uniformly
+    tasks: tuple = TASKS             # synthetic retrieval tasks, drawn uniformly (repeat one to weigh it more)
     min_len: int = 224
     answer_room: int = 72           # tokens a synthetic row keeps for its answers (multi-key asks up to 4)
     eos_id: int = 0
@@ -290,6 +294,7 @@ class Stage:
     lr: float = 3e-3
     batch_size: int = 16
     long_frac: float = 0.4           # share of rows at seq_len (the rest shorter)
+    schedule: str = 'wsd'            # the engine's LR schedule: warmup, constant, decay over the last 20%
 
 def two_stage(L: int = 256, steps1: int = 600, steps2: int = 300, base1: float = 1e4, base2: float = 1e6,
               mult: int = 8, **kw) -> list:
@@ -315,6 +320,14 @@ def _check_stages(stages):
     for a, b in zip(stages, stages[1:]):
         if b.seq_len < a.seq_len: raise ValueError(f"stage {b.name!r} ({b.seq_len}) is shorter than {a.name!r} ({a.seq_len}): stages only extend")
 
+def row_mean_loss(model, batch):
+    """Mean over rows of each row's mean next-token loss: a retrieval row (a few answer tokens) weighs as much as a
+    document row (every token), instead of 1/50th of it as in a mean over tokens."""
+    x, y = batch
+    nll = model(x, labels=y, shift_labels=False, loss_reduction='none').loss  # (B, T), 0 where ignored
+    n = (y != -100).sum(1)
+    return (nll.sum(1) / n.clamp(min=1))[n > 0].mean()
+
 def train_stage(base: QwenConfig, stage: Stage, tokenizer, docs, out_dir, init_from=None, seed: int = 0,
                 cpu_threads: int | None = 1, mix_kw: dict | None = None, ckpt_every: int = 100, stop_at_step=None,
                 device: str = 'cpu'):
@@ -335,9 +348,10 @@ def train_stage(base: QwenConfig, stage: Stage, tokenizer, docs, out_dir, init_f
         sd, _ = load_checkpoint(prev); _load_weights(model, sd)
     mix = LongMix(tokenizer, docs, stage.seq_len, stage.batch_size, stage.long_frac, eos_id=tokenizer.eos_id,
                   seed=seed + hash_name(stage.name), **(mix_kw or {}))  # mix_kw: LongMix's other fields
-    cfg = StageLoop(max_steps=stage.steps, lr=stage.lr, warmup_steps=min(30, stage.steps // 10), seed=seed, log_every=10,
+    cfg = StageLoop(max_steps=stage.steps, lr=stage.lr, warmup_steps=min(30, stage.steps // 10), schedule=stage.schedule,
+                    seed=seed, log_every=10,
                     ckpt_every=ckpt_every, keep_ckpts=1, device=device, cpu_threads=cpu_threads, stop_at_step=stop_at_step)
-    r = fit(model, cfg, loss_fn=lambda m, b: m(b[0], labels=b[1], shift_labels=False).loss, batch_fn=mix.batch, out=out,
+    r = fit(model, cfg, loss_fn=row_mean_loss, batch_fn=mix.batch, out=out,
             resume_state=state, tokens_per_step=stage.batch_size * stage.seq_len,
             state_extra=lambda done: dict(model_config=dataclasses.asdict(mc), stage=dataclasses.asdict(stage)), desc=stage.name)
     return r.model
@@ -401,8 +415,7 @@ def variant_model(model: QwenForCausalLM, train_len: int, max_len: int, yarn: fl
 
 # %% ../nbs/19_longctx.ipynb #eeb70d12
 @torch.no_grad()
-def generate_long(model: QwenForCausalLM, ids: torch.Tensor, max_new_tokens: int = 8, prefill_chunk: int | None = None,
-                  stop_id: int | None = None) -> list:
+def generate_long(model: QwenForCausalLM, ids: torch.Tensor, max_new_tokens: int = 8, prefill_chunk: int | None = None) -> list:
     """Greedy continuation of equal-length prompts `ids` (B, T) with a KV cache; the prompt is fed `prefill_chunk`
     tokens at a time (None: at once, the fused causal path), so DCA's score matrices stay (chunk x T)."""
     B, T = ids.shape
@@ -470,7 +483,7 @@ def passkey_cell(model, tokenizer, n_tokens: int, depth: float, trials: int = 20
     return sum(hits) / trials
 
 def passkey_grid(variants: dict, tokenizer, train_len: int, lengths, depths, trials: int = 20, seed: int = 0,
-                 prefill_chunk=None) -> pd.DataFrame:
+                 prefill_chunk=None, batch_size: int = 10) -> pd.DataFrame:
     """Passkey accuracy of every variant (name -> model) on the lengths x depths grid: one row per cell with the
     columns of data/longctx/passkey.csv (variant, train_len, eval_len, depth, trials, accuracy)."""
     rows = []
@@ -479,7 +492,7 @@ def passkey_grid(variants: dict, tokenizer, train_len: int, lengths, depths, tri
             check_eval_length(n, m.config, train_len, extrapolate=True)
             for d in depths:
                 chunk = prefill_chunk if m.config.dual_chunk_attention_config is not None else None
-                acc = passkey_cell(m, tokenizer, n, d, trials, seed + 7919 * n + int(1000 * d), prefill_chunk=chunk)
+                acc = passkey_cell(m, tokenizer, n, d, trials, seed + 7919 * n + int(1000 * d), batch_size, chunk)
                 rows.append(dict(variant=name, train_len=train_len, eval_len=n, depth=d, trials=trials, accuracy=acc))
     return pd.DataFrame(rows)
 
@@ -514,11 +527,13 @@ def loss_by_position(model, tokens: np.ndarray, n_tokens: int, n_windows: int = 
     return nll.mean(0).view(buckets, -1).mean(1).numpy()
 
 # %% ../nbs/19_longctx.ipynb #c0822ef9
-def longctx_experiment(out_dir='runs/longctx', results_dir='data/longctx', L: int = 256, steps1: int = 1200,
+def longctx_experiment(out_dir='runs/longctx', results_dir='data/longctx', L: int = 256, steps1: int = 1500,
                        steps2: int = 200, prog_steps: int = 100, batch_size: int = 16, lr: float = 3e-3,
-                       hidden_size: int = 64, layers: int = 3, vocab_size: int = 1024, stage2_mult: int = 8, synth_frac: float = 0.8, depths=(0.0, 0.5, 1.0),
+                       hidden_size: int = 64, layers: int = 3, vocab_size: int = 1024, stage2_mult: int = 8, synth_frac: float = 0.8,
+                       tasks=('passkey', 'multikey', 'multikey', 'vartrack'), min_len: int = 200, depths=(0.0, 0.5, 1.0),
                        trials: int = 20, ruler_trials: int = 20, seed: int = 0, device: str = 'cpu',
-                       cpu_threads: int | None = 1, prefill_chunk: int | None = None, verbose: bool = True) -> dict:
+                       cpu_threads: int | None = 1, prefill_chunk: int | None = None, eval_batch_size: int = 10,
+                       verbose: bool = True) -> dict:
     """The chapter's experiment end to end; rerunning resumes. Trains stage 1 (L, base 1e4), stage 2 (T2 = stage2_mult * L,
     base 1e6) and the progressive variant (2L, 4L, ... T2, 40% of rows at each stage's length), then evaluates stage 1,
     ABF, ABF + YaRN x4, ABF + YaRN x4 + DCA and the progressive model from 0.5x to 4x T2; writes passkey.csv, ruler.csv,
@@ -537,7 +552,7 @@ def longctx_experiment(out_dir='runs/longctx', results_dir='data/longctx', L: in
     base = small_config(tok.vocab_size, hidden_size, layers, L=L)
     kw = dict(lr=lr, batch_size=batch_size)
     t0 = time.time()
-    mk = dict(synth_frac=synth_frac)
+    mk = dict(synth_frac=synth_frac, tasks=tuple(tasks), min_len=min_len)
     models = run_stages(two_stage(L, steps1, steps2, mult=stage2_mult, **kw), base, tok, docs, out, seed, cpu_threads, mk, device)
     models.update(run_stages(progressive(L, steps1, prog_steps, mult=stage2_mult, **kw), base, tok, docs, out, seed, cpu_threads, mk, device))
     say(f"trained in {time.time() - t0:.0f}s")
@@ -547,10 +562,11 @@ def longctx_experiment(out_dir='runs/longctx', results_dir='data/longctx', L: in
     variants = {name: variant_model(models[w].to(device), T2, room, yarn, dca) for name, (w, yarn, dca) in VARIANTS.items()}
     variants['progressive'] = variant_model(models[f'prog{stage2_mult}x'].to(device), T2, room)
     chunk = prefill_chunk or T2 // 4
-    grid = passkey_grid(variants, tok, T2, lengths, depths, trials, seed, prefill_chunk=chunk)
+    grid = passkey_grid(variants, tok, T2, lengths, depths, trials, seed, chunk, eval_batch_size)
     grid.to_csv(res / 'passkey.csv', index=False); say(f"passkey grid done at {time.time() - t0:.0f}s")
     ruler = [dict(variant=v, task=t, eval_len=n, trials=ruler_trials,
-                  accuracy=ruler_task(m, tok, t, n, ruler_trials, seed, prefill_chunk=chunk if m.config.dual_chunk_attention_config else None))
+                  accuracy=ruler_task(m, tok, t, n, ruler_trials, seed, eval_batch_size,
+                                      chunk if m.config.dual_chunk_attention_config else None))
              for v, m in variants.items() for t in ('multikey', 'vartrack') for n in lengths]
     pd.DataFrame(ruler).to_csv(res / 'ruler.csv', index=False); say(f"RULER done at {time.time() - t0:.0f}s")
     lp = [dict(variant=v, bucket=i, position=int((i + 0.5) * 4 * T2 / 16), loss=float(x))
@@ -563,3 +579,31 @@ def longctx_experiment(out_dir='runs/longctx', results_dir='data/longctx', L: in
     pd.DataFrame(mem).to_csv(res / 'memory.csv', index=False)
     say(f"all done in {time.time() - t0:.0f}s")
     return dict(models=models, variants=variants, passkey=grid, tokenizer=tok)
+
+# %% ../nbs/19_longctx.ipynb #764c3d6d
+def long_sft(base_run, out_dir, tokenizer, docs, task: str = 'vartrack', short_len: int = 256, long_len: int = 1024,
+             steps: int = 150, lr: float = 1e-3, batch_size: int = 16, eval_lens=None, trials: int = 40, seed: int = 0,
+             cpu_threads: int | None = 1, device: str = 'cpu') -> pd.DataFrame:
+    """Section 4.4's two-stage long-context SFT on a long-input task, answer-only loss: stage A on short examples only
+    (`short_len`), stage B on short and long (`long_len`, 40% at full length) from A's weights; both from the model in
+    `base_run` (a stage folder). Returns the task's held-out accuracy before, after A and after B at `eval_lens`."""
+    sd, st = load_checkpoint(latest_checkpoint(Path(base_run) / 'ckpt'))
+    base = QwenConfig(**st['model_config'])
+    theta = base.rope_theta
+    mix = dict(tasks=(task,), synth_frac=1.0, min_len=200)
+    stages = [Stage('sft_short', short_len, theta, steps, lr, batch_size, long_frac=1.0),
+              Stage('sft_long', long_len, theta, steps, lr, batch_size, long_frac=0.4)]
+    a = train_stage(base, stages[0], tokenizer, docs, out_dir, init_from=base_run, seed=seed, cpu_threads=cpu_threads,
+                    mix_kw=mix, device=device)
+    b = train_stage(base, stages[1], tokenizer, docs, out_dir, init_from=Path(out_dir) / 'sft_short', seed=seed,
+                    cpu_threads=cpu_threads, mix_kw=mix, device=device)
+    before = QwenForCausalLM(base); _load_weights(before, sd)
+    eval_lens = eval_lens or [short_len, long_len]
+    top = max(eval_lens) + 16
+    rows = []
+    for name, m in (('before SFT', before), ('A: short only', a), ('B: short + long', b)):
+        v = variant_model(m.to(device), long_len, top)
+        for n in eval_lens:
+            rows.append(dict(model=name, task=task, eval_len=n, trials=trials,
+                             accuracy=ruler_task(v, tokenizer, task, n, trials, seed + 1)))
+    return pd.DataFrame(rows)
