@@ -230,3 +230,20 @@ def test_row_mean_loss_weighs_rows_equally(short_model):
         nll = short_model(x, labels=y, shift_labels=False, loss_reduction='none').loss
         got = row_mean_loss(short_model, (x, y))
     torch.testing.assert_close(got, (nll[0].mean() + nll[1, -1]) / 2)
+
+
+def test_long_prefill_takes_the_fused_causal_path(short_model, monkeypatch):
+    "A long prompt prefilled at once: SDPA with is_causal and no mask; in pieces: a boolean (never float) mask."
+    import torch.nn.functional as F
+    calls, sdpa = [], F.scaled_dot_product_attention
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[2], None if attn_mask is None else attn_mask.dtype, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    yarn = variant_model(short_model, 256, 1100, yarn=4.0)
+    generate_long(yarn, torch.randint(0, 257, (1, 1024)), 2)
+    assert calls[0] == (1024, None, True) and all(c[1] is None for c in calls)
+    calls.clear()
+    generate_long(yarn, torch.randint(0, 257, (1, 1024)), 2, prefill_chunk=256)
+    pieces = [c for c in calls if c[0] == 256]
+    assert pieces[0] == (256, None, True) and {c[1] for c in pieces[1:]} == {torch.bool}  # the first piece: causal flag
