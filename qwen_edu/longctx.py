@@ -575,7 +575,7 @@ def longctx_experiment(out_dir='runs/longctx', results_dir='data/longctx', L: in
     mem = [dict(variant=v, eval_len=n, prefill_chunk=c, peak_bytes=generation_memory(variants[v], n, c),
                 kv_cache_bytes=kv_cache_bytes(variants[v].config, n))
            for v, c, ns in (('abf+yarn', None, lengths), ('abf+yarn+dca', chunk, lengths), ('abf+yarn+dca', None, lengths[:2]))
-           for n in ns]
+           for n in ns if c or v == 'abf+yarn' or 3 * 4 * base.num_attention_heads * n * n < 2**31]  # DCA at once: < 2 GiB of scores
     pd.DataFrame(mem).to_csv(res / 'memory.csv', index=False)
     say(f"all done in {time.time() - t0:.0f}s")
     return dict(models=models, variants=variants, passkey=grid, tokenizer=tok)
