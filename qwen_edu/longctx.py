@@ -153,9 +153,12 @@ def multikey_prompt(tokenizer, n_tokens: int, n_keys: int = 4, seed: int = 0, fi
     return ids, keys[target]
 
 def _var_names(rng, n):
-    names = set()
-    while len(names) < n: names.add(''.join(rng.choice('ABCDEFGHIJKLMNOPQRSTUVWXYZ') for _ in range(3)))
-    return list(names)
+    "n distinct three-letter names, in the order drawn (a set's order would change with PYTHONHASHSEED)."
+    names = []
+    while len(names) < n:
+        s = ''.join(rng.choice('ABCDEFGHIJKLMNOPQRSTUVWXYZ') for _ in range(3))
+        if s not in names: names.append(s)
+    return names
 
 def variable_tracking_prompt(tokenizer, n_tokens: int, hops: int = 2, seed: int = 0, filler=None, held_out: bool = True):
     """RULER's variable tracking: "VAR X1 = N." then `hops` assignments "VAR Xi = VAR Xi-1." spread in order
@@ -458,8 +461,9 @@ def generation_memory(model: QwenForCausalLM, n_tokens: int, prefill_chunk: int 
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from qwen_edu.longctx import _peak_child as child  # by module path: a spawned process finds it from a notebook too
     with ProcessPoolExecutor(1, mp_context=mp.get_context('spawn')) as ex:
-        return ex.submit(_peak_child, dataclasses.asdict(model.config), sd, n_tokens, prefill_chunk, threads).result()
+        return ex.submit(child, dataclasses.asdict(model.config), sd, n_tokens, prefill_chunk, threads).result()
 
 def kv_cache_bytes(config: QwenConfig, n_tokens: int, bytes_per=4) -> int:
     "Size of the KV cache for n_tokens: 2 (k, v) x layers x kv heads x head_dim x tokens x bytes."

@@ -248,3 +248,19 @@ def test_long_prefill_takes_the_fused_causal_path(short_model, monkeypatch):
     pieces = [c for c in calls if c[0] == 256]
     n = yarn.config.num_hidden_layers  # one call per layer and piece; the first piece (nothing cached) takes the causal flag
     assert pieces[:n] == [(256, None, True)] * n and {c[1] for c in pieces[n:]} == {torch.bool}
+
+
+def test_prompts_do_not_depend_on_the_hash_seed():
+    "Evaluation prompts are the same in every process (a set's order changes with PYTHONHASHSEED)."
+    import os, subprocess, sys
+    code = ("from qwen_edu.data import ByteTokenizer; from qwen_edu.longctx import variable_tracking_prompt as v, "
+            "multikey_prompt as m; b = ByteTokenizer(); print(v(b, 600, 3, 5)[0][:600:7], m(b, 600, 4, 5)[0][:600:7])")
+    outs = {subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=str(s))).stdout for s in (1, 2, 3)}
+    assert len(outs) == 1
+
+
+def test_generation_memory_is_measured_in_a_fresh_process(short_model):
+    from qwen_edu.longctx import generation_memory
+    b = generation_memory(short_model, 200)
+    assert isinstance(b, int) and b > 0
