@@ -211,6 +211,7 @@ def isoflop_runs(shapes, budgets, lr, batch_size, seq_len=128, preset='edu-tiny'
     """Runs of each shape at each budget C on the tokens C leaves it, tagged with the budget: D = C / (6 N_active)
     (kind '6ND'), or D = C / flops_per_token (kind 'total': the lm_head over `vocab_size` and attention count too)."""
     if kind not in BUDGET_KINDS: raise ValueError(f"kind must be one of {BUDGET_KINDS}, got {kind!r}")
+    for i, C in enumerate(budgets): _positive(C, f"budgets[{i}]")
     runs = []
     for C in budgets:
         for s in shapes:

@@ -171,7 +171,8 @@ def test_spec_errors_name_the_field():
              (SweepSpec(), 'no runs'), (SweepSpec(runs=[ok], seq_len=0), 'seq_len must be a positive integer'),
              (SweepSpec(runs=[ok], preset='nope'), "unknown preset 'nope'"),
              (SweepSpec(runs=[ok], train_kw=dict(seed=3)), 'which the sweep sets per run'),
-             (SweepSpec(runs=[dict(ok, hidden_size=33)]), 'not divisible by num_attention_heads')]
+             (SweepSpec(runs=[dict(ok, hidden_size=33)]), 'not divisible by num_attention_heads'),
+             (SweepSpec(runs=[dict(ok, budget=-1e12)]), 'budget must be')]
     for spec, msg in cases:
         with pytest.raises(ValueError, match=msg): check_sweep(spec)
     with pytest.raises(ValueError, match="unknown SweepSpec field 'budgets'"): SweepSpec.from_dict(dict(budgets=[1e12]))
@@ -287,6 +288,7 @@ def test_isoflop_runs_in_total_flops():
         assert r['tokens'] == pytest.approx(r['budget'] / per_token, abs=4 * 32)
         assert r['tokens'] < r['budget'] / (6 * shape_params(r['shape'])[1])
     with pytest.raises(ValueError, match="kind must be one of"): isoflop_runs([DENSE], [1e10], 1e-3, 4, kind='6nd')
+    with pytest.raises(ValueError, match=r"budgets\[1\] must be"): isoflop_runs([DENSE], [1e10, -3e10], 1e-3, 4)
     with pytest.raises(ValueError, match="budget_kind must be one of"):  # a kind without a budget means nothing
         check_sweep(SweepSpec(runs=[dict(DENSE, tokens=4096, lr=1e-3, batch_size=4, budget_kind='total')], seq_len=32))
     old = check_sweep(SweepSpec(runs=isoflop_runs([DENSE], [1e10], 1e-3, 4, seq_len=32), seq_len=32))
