@@ -9,7 +9,7 @@ __all__ = ['SHAPE_FIELDS', 'RUN_KEYS', 'BUDGET_KINDS', 'SWEEP_SETS', 'COLUMNS', 
            'run_sweep', 'fit_power_law', 'fit_power_law2', 'fit_power_law_floor', 'loss_law', 'optimal_allocation',
            'law_objective', 'fit_loss_law', 'law_params', 'parabola_min', 'isoflop_optima', 'fit_isoflop',
            'optimal_hparam', 'bootstrap', 'dense_equivalent', 'moe_multiplier', 'dense_shape', 'moe_shape',
-           'estimate_seconds', 'default_sweep', 'sweep_cli']
+           'estimate_seconds', 'shape_compute_params', 'default_sweep', 'sweep_cli']
 
 # %% ../nbs/18_scaling.ipynb #329931d2
 import contextlib, dataclasses, hashlib, itertools, json, math, os, shutil, time, typing
@@ -587,17 +587,15 @@ def estimate_seconds(spec: SweepSpec, overhead_s=None, flops_per_s=None, moe_fac
 
 DEFAULT_SIZES = ((32, 1), (48, 1), (48, 2), (64, 2), (80, 2), (96, 2), (96, 3), (128, 3), (128, 4))  # (hidden, layers)
 
-def _nearest(shapes, n, k):
-    "The k shapes whose activated parameters are nearest `n` (in log), smallest first."
-    near = sorted(shapes, key=lambda s: abs(math.log(shape_params(s)[1] / n)))[:k]
-    return sorted(near, key=lambda s: shape_params(s)[1])
+def shape_compute_params(shape: dict, vocab_size=2048, preset='edu-tiny') -> int:
+    "n_compute of a shape: activated non-embedding parameters + the tied lm_head (vocab_size x hidden)."
+    return shape_params(shape, preset)[1] + vocab_size * shape['hidden_size']
+
+def _nearest(shapes, n, k, size=lambda s: shape_params(s)[1]):
+    "The k shapes whose `size` (default: activated parameters) is nearest `n` (in log), smallest first."
+    return sorted(sorted(shapes, key=lambda s: abs(math.log(size(s) / n)))[:k], key=size)
 
 TOTAL_SIZES = ((16, 1), (24, 1), (32, 1), (32, 2), (48, 1), (48, 2), (64, 2), (64, 3), (80, 2), (96, 2), (96, 3))
-
-def _nearest_compute(shapes, n, k, vocab_size):
-    "The k shapes whose n_compute (activated non-embedding + the lm_head) is nearest `n` (in log), smallest first."
-    nc = lambda s: shape_params(s)[1] + vocab_size * s['hidden_size']
-    return sorted(sorted(shapes, key=lambda s: abs(math.log(nc(s) / n)))[:k], key=nc)
 
 LR_POINTS = ((48, 2, 500_000), (48, 2, 2_000_000), (96, 2, 500_000), (96, 2, 2_000_000), (32, 1, 500_000),
              (64, 2, 1_000_000))  # (hidden, layers, tokens) of the learning-rate sweeps
@@ -621,11 +619,12 @@ def default_sweep(budgets=(3e10, 1e11, 3e11, 1e12, 3e12), per_budget=6, lr=3e-3,
         runs += isoflop_runs([moe_shape(s) for s in near], [C], lr, batch_size, seq_len, max_tokens=max_tokens)
     runs += [dict(r, seed=1) for r in runs if r['budget'] == seed_budget and 'num_experts' not in r]
     total = [dense_shape(h, l) for h, l in total_sizes]
+    nc = lambda s: shape_compute_params(s, vocab_size)
     for C in total_budgets:  # the same first guess, now with the lm_head in N and everything in C
-        runs += isoflop_runs(_nearest_compute(total, math.sqrt(C / 120), per_budget, vocab_size), [C], lr, batch_size,
+        runs += isoflop_runs(_nearest(total, math.sqrt(C / 120), per_budget, nc), [C], lr, batch_size,
                              seq_len, max_tokens=max_tokens, kind='total', vocab_size=vocab_size)
     for C in small_batch_budgets:  # a quarter of the batch: 4x the steps; the valley moved to ~10 tokens per parameter
-        runs += isoflop_runs(_nearest_compute(total, math.sqrt(C / 60), total_per_budget, vocab_size), [C], lr,
+        runs += isoflop_runs(_nearest(total, math.sqrt(C / 60), total_per_budget, nc), [C], lr,
                              total_batch_size, seq_len, max_tokens=max_tokens, kind='total', vocab_size=vocab_size)
     unit = max((batch_size, *batch_sizes)) * seq_len
     whole = lambda D: max(1, round(D / unit)) * unit                      # whole steps at every batch size
