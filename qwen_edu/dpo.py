@@ -130,10 +130,13 @@ def pair_logps(model, tokenizer, pairs, batch_size=64):
     return torch.cat(c), torch.cat(r)
 
 def dpo_metrics(policy, tokenizer, pairs, ref_chosen, ref_rejected, beta=0.1):
-    "Held-out DPO loss, mean implicit reward margin and preference accuracy."
+    """Held-out DPO loss, mean implicit reward margin and preference accuracy. A tie (equal implicit rewards, as for
+    every pair while the policy equals its reference) counts half: a policy that cannot tell the two apart scores
+    0.5, the honest baseline, not 0."""
     pc, pr = pair_logps(policy, tokenizer, pairs)
     loss, cr, rr = dpo_loss(pc, pr, ref_chosen.to(pc.device), ref_rejected.to(pc.device), beta)
-    return {'loss': loss.item(), 'margin': (cr - rr).mean().item(), 'accuracy': (cr > rr).float().mean().item()}
+    acc = ((cr > rr).float() + 0.5 * (cr == rr).float()).mean().item()
+    return {'loss': loss.item(), 'margin': (cr - rr).mean().item(), 'accuracy': acc}
 
 def make_dpo_optimizer(policy, kind='adamw', lr=1e-4, base_model=None, reserve_p=0.1, alpha=1e-4, weight_decay=0.0, seed=0):
     "AdamW (no decay on norms and biases), or an Online Merging AdamW ('ondare' / 'onties') whose task vector is policy - base_model."
@@ -184,8 +187,10 @@ def dpo_train(policy, tokenizer, pairs, ref_model=None, ref_logps=None, steps=10
 # %% ../nbs/14_dpo.ipynb #31d8fd18
 def run_dpo(model, tokenizer, out_dir=None, steps=120, base_model=None, optimizer='adamw', tasks=('arith', 'word'),
             level=1, n_train=400, n_eval=100, k=4, batch_size=16, lr=1e-4, beta=0.1, seed=0, device=None, dtype='auto',
-            compile=False):
-    "DPO stage for the pipeline: train `model` in place (on `device`, default where it is) on its own checker-labelled pairs; a metrics dict."
+            compile=False, train_examples=None, eval_examples=None):
+    """DPO stage for the pipeline: train `model` in place (on `device`, default where it is) on its own checker-labelled
+    pairs; a metrics dict. `train_examples` / `eval_examples` replace the drawn prompts of the training pairs and of the
+    held-out pairs and task accuracy (the pipeline passes its own, checked disjoint)."""
     import time
     from qwen_edu.reward import make_preference_pairs
     from qwen_edu.sft import save_stage, task_accuracy
@@ -197,9 +202,14 @@ def run_dpo(model, tokenizer, out_dir=None, steps=120, base_model=None, optimize
         if base_model is not None: base_model.to(init_distributed(device)[2])
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters(): p.requires_grad_(False)
-    train_pairs = make_preference_pairs(ref, tokenizer, make_examples(list(tasks), n_train, seed=seed + 20, level=level, split='train'), k=k, seed=seed)
-    test_pairs = make_preference_pairs(ref, tokenizer, make_examples(list(tasks), n_eval, seed=seed + 21, level=level, split='test'), k=k, seed=seed + 1)
-    heldout = make_examples(list(tasks), n_eval, seed=seed + 1, level=level, split='test')
+    train_ex = train_examples if train_examples is not None else \
+        make_examples(list(tasks), n_train, seed=seed + 20, level=level, split='train')
+    test_ex = eval_examples if eval_examples is not None else \
+        make_examples(list(tasks), n_eval, seed=seed + 21, level=level, split='test')
+    heldout = eval_examples if eval_examples is not None else make_examples(list(tasks), n_eval, seed=seed + 1, level=level, split='test')
+    train_pairs = make_preference_pairs(ref, tokenizer, train_ex, k=k, seed=seed)
+    test_pairs = make_preference_pairs(ref, tokenizer, test_ex, k=k, seed=seed + 1)
+    if not train_pairs or not test_pairs: raise ValueError("run_dpo made no training or no held-out pair; give it more examples")
     acc_before = task_accuracy(model, tokenizer, heldout)
     opt = make_dpo_optimizer(model, optimizer, lr=lr, base_model=base_model, seed=seed)
     hist = dpo_train(model, tokenizer, train_pairs, ref_model=ref, steps=steps, batch_size=batch_size, beta=beta,

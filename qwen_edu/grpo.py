@@ -159,15 +159,16 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
 # %% ../nbs/15_grpo.ipynb #4f762c8e
 def run_grpo(model, tokenizer, out_dir=None, steps=60, tasks=('arith', 'word'), level=1, n_train=400, n_eval=100,
              group_size=8, queries_per_step=8, lr=3e-5, beta=0.04, max_new_tokens=16, seed=0, device=None, dtype='auto',
-             compile=False):
-    "GRPO stage for the pipeline: train `model` in place (on `device`, default where it is) with checker rewards; a metrics dict."
+             compile=False, queries=None, eval_examples=None):
+    """GRPO stage for the pipeline: train `model` in place (on `device`, default where it is) with checker rewards; a
+    metrics dict. `queries` / `eval_examples` replace the drawn training queries and held-out examples."""
     import copy
     from qwen_edu.sft import save_stage
     from qwen_edu.tasks import make_examples
     t0 = time.time()
     ref = copy.deepcopy(model).eval()
-    queries = make_examples(list(tasks), n_train, seed=seed + 30, level=level, split='train')
-    heldout = make_examples(list(tasks), n_eval, seed=seed + 1, level=level, split='test')
+    if queries is None: queries = make_examples(list(tasks), n_train, seed=seed + 30, level=level, split='train')
+    heldout = eval_examples if eval_examples is not None else make_examples(list(tasks), n_eval, seed=seed + 1, level=level, split='test')
     hist = grpo_train(model, ref, tokenizer, queries, steps=steps, group_size=group_size, queries_per_step=queries_per_step,
                       lr=lr, beta=beta, max_new_tokens=max_new_tokens, seed=seed, eval_examples=heldout,
                       eval_every=max(1, steps // 4), device=device, dtype=dtype, compile=compile)

@@ -288,12 +288,17 @@ def load_stage(model, out_dir, name):
     return json.loads(mp.read_text()) if mp.exists() else {}
 
 def run_sft(model, tokenizer, out_dir=None, steps=300, tasks=('arith', 'word'), level=1, n_train=2000, n_eval=100,
-            batch_size=16, lr=3e-3, seed=0, device=None, dtype='auto', compile=False):
+            batch_size=16, lr=3e-3, seed=0, device=None, dtype='auto', compile=False, train_examples=None,
+            eval_examples=None):
     """SFT stage for the pipeline: fine-tune `model` in place (on `device`, default where it is); metrics dict
-    (held-out accuracy before/after, losses)."""
+    (held-out accuracy before/after, every step's loss). `train_examples` / `eval_examples` replace the drawn
+    training and held-out examples (the pipeline passes its own, checked disjoint)."""
     _special_id(tokenizer, '<|im_start|>'); _special_id(tokenizer, '<|im_end|>')
-    train_ex = make_examples(list(tasks), n_train, seed=seed, level=level, split='train')
-    eval_ex = make_examples(list(tasks), n_eval, seed=seed + 1, level=level, split='test')
+    train_ex = train_examples if train_examples is not None else \
+        make_examples(list(tasks), n_train, seed=seed, level=level, split='train')
+    eval_ex = eval_examples if eval_examples is not None else \
+        make_examples(list(tasks), n_eval, seed=seed + 1, level=level, split='test')
+    if not train_ex or not eval_ex: raise ValueError("run_sft needs at least one training and one held-out example")
     t0 = time.time()
     if device is not None: model.to(init_distributed(device)[2])
     before = task_accuracy(model, tokenizer, eval_ex)
@@ -301,7 +306,7 @@ def run_sft(model, tokenizer, out_dir=None, steps=300, tasks=('arith', 'word'), 
                        dtype=dtype, compile=compile)
     after = task_accuracy(model, tokenizer, eval_ex)
     metrics = {'stage': 'sft', 'tasks': list(tasks), 'level': level, 'steps': steps, 'heldout_accuracy_before': before,
-               'heldout_accuracy_after': after, 'first_loss': losses[0], 'last_loss': losses[-1],
+               'heldout_accuracy_after': after, 'first_loss': losses[0], 'last_loss': losses[-1], 'losses': losses,
                'seconds': time.time() - t0}
     save_stage(model, metrics, out_dir, 'sft')
     return metrics

@@ -174,9 +174,11 @@ def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
 
 def test_post_training_steps_scale_with_pretraining():
     import types
-    from qwen_edu.pipeline import post_training_steps
-    assert post_training_steps(types.SimpleNamespace(max_steps=120), 'sft') == 300
-    assert post_training_steps(types.SimpleNamespace(max_steps=6), 'sft') == 15
+    from qwen_edu.pipeline import post_training_steps, PipelineConfig, POST_TRAINING_STEPS
+    full = PipelineConfig().max_steps  # the default run uses the listed steps; shorter runs scale them down
+    assert post_training_steps(types.SimpleNamespace(max_steps=full), 'sft') == POST_TRAINING_STEPS['sft']
+    assert post_training_steps(types.SimpleNamespace(max_steps=2 * full), 'sft') == POST_TRAINING_STEPS['sft']
+    assert post_training_steps(types.SimpleNamespace(max_steps=full // 4), 'sft') == round(POST_TRAINING_STEPS['sft'] / 4)
     assert post_training_steps(types.SimpleNamespace(max_steps=1), 'grpo') == 2
     assert post_training_steps(types.SimpleNamespace(max_steps=6, post_training_steps={'dpo': 7}), 'dpo') == 7
 

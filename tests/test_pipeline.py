@@ -46,10 +46,10 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
 def test_stages_are_named_explicitly_in_pipeline_order():
     "No import-time registration: the pipeline module lists its stages, and importing it needs no other module first."
     import subprocess, sys
-    assert list(STAGES) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
+    assert list(STAGES) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'eval', 'sample']
     code = "import qwen_edu.pipeline as P, sys\nprint(','.join(P.STAGES))"
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
+    assert r.stdout.strip() == 'tokenizer,data,pretrain,sft,dpo,grpo,eval,sample'
 
 
 def test_rerunning_a_stage_makes_the_later_ones_stale(tmp_path, monkeypatch):
@@ -125,7 +125,7 @@ def test_edu_tiny_passes_and_the_memory_check_can_be_skipped(tmp_path, monkeypat
     (dict(seq_len=0), 'seq_len must be a positive int'),
     (dict(sample_tokens=0), 'sample_tokens must be a positive int'),
     (dict(eval_batches=1.5), 'eval_batches must be a positive int'),
-    (dict(warmup_steps=120), r'warmup_steps \(120\) must be in \[0, max_steps=120\)'),
+    (dict(max_steps=120, warmup_steps=120), r'warmup_steps \(120\) must be in \[0, max_steps=120\)'),
     (dict(lr=float('nan')), 'lr must be a finite number > 0'),
     (dict(lr=0.0), 'lr must be a finite number > 0'),
     (dict(sample_prompt=''), 'sample_prompt must be a non-empty string'),
@@ -209,7 +209,8 @@ def test_pipeline_under_torchrun_runs_every_stage_once(tmp_path):
     import os, subprocess, sys
     run = tmp_path / 'run'
     args = [a for a in SMALL]
-    args[args.index('--stages') + 1] = 'tokenizer,data,pretrain,sft,dpo,grpo,sample'
+    args[args.index('--stages') + 1] = 'tokenizer,data,pretrain,sft,dpo,grpo,eval,sample'
+    args += ['--eval-prompts', '10', '--post-training-steps', '{"sft": 2, "dpo": 2, "grpo": 2}']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     (run / 'pretrain').mkdir(parents=True); (run / 'pretrain' / 'metrics.jsonl').write_text('{}\n')  # a cut attempt
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
@@ -217,8 +218,78 @@ def test_pipeline_under_torchrun_runs_every_stage_once(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((run / 'report.json').read_text())
-    assert list(report) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'sample']
+    assert list(report) == ['tokenizer', 'data', 'pretrain', 'sft', 'dpo', 'grpo', 'eval', 'sample']
+    assert all(report['eval'][m]['n'] == report['eval']['suite']['prompts'] for m in ('base', 'sft', 'dpo', 'grpo'))
+    assert (run / 'report.md').exists()
     assert report['sft']['model_run'] and (run / 'grpo' / 'ckpt').is_dir() and 'task_answer' in report['sample']
     assert r.stdout.count('qwen-edu pipeline report') == 1  # printed by rank 0 only
     kept = list(run.glob('pretrain.incomplete.*'))  # set aside once (by rank 0), not by every process
     assert len(kept) == 1 and (kept[0] / 'metrics.jsonl').read_text() == '{}\n'
+
+
+# --- the main job's payoff (issue #12): task text in pre-training, a large held-out suite disjoint from training ---
+
+def test_default_suite_is_500_distinct_heldout_prompts_disjoint_from_every_training_prompt(tmp_path):
+    "The default run's suite: >= 500 distinct held-out prompts, none in the task text or any post-training stage's data."
+    from qwen_edu.pipeline import pipeline_suite, task_documents, pipeline_tasks, _post_examples, post_training_steps
+    from qwen_edu.tasks import is_heldout
+    cfg = PipelineConfig(out=str(tmp_path / 'run'))
+    suite = pipeline_suite(cfg)
+    prompts = [e.prompt for e in suite]
+    assert len(set(prompts)) == len(prompts) >= 500 and all(is_heldout(p) for p in prompts)
+    n_text = int(cfg.corpus_size * cfg.task_fraction / (1 - cfg.task_fraction))
+    trained = {p for d in task_documents(pipeline_tasks(cfg), n_text, cfg.seed) for p in d['prompts']}
+    for name, n in (('sft', 16 * post_training_steps(cfg, 'sft')), ('dpo', 4 * post_training_steps(cfg, 'dpo')), ('grpo', 400)):
+        trained |= {e.prompt for e in _post_examples(cfg, name, n)}
+    assert len(trained) > 1000 and not trained & set(prompts)
+    # the word-problem text covers most training prompts of its family: the split, not luck, keeps the suite out
+    assert sum(not is_heldout(p) for p in trained) == len(trained)
+
+
+FULL = [a for a in SMALL]
+FULL[FULL.index('--stages') + 1] = 'tokenizer,data,pretrain,sft,dpo,grpo,eval,sample'
+FULL += ['--eval-prompts', '20', '--post-training-steps', '{"sft": 2, "dpo": 2, "grpo": 2}']
+
+
+def test_full_run_reports_every_model_on_the_suite_and_never_trains_on_it(tmp_path, capsys):
+    "All stages: report.json's eval block, report.md with its plots, and no suite prompt in the pre-training tokens."
+    import numpy as np
+    from qwen_edu.data import open_tokens
+    from qwen_edu.tokenizer import BPETokenizer
+    from qwen_edu.pipeline import pipeline_suite
+    run = tmp_path / 'run'
+    assert pipeline_cli(['--out', str(run), *FULL]) == 0
+    out = capsys.readouterr().out
+    rep = strict_json(run / 'report.json')
+    ev = rep['eval']
+    suite = ev['suite']
+    assert suite['distinct'] == suite['prompts'] == sum(suite['families'].values()) and suite['families']['word'] == 20
+    for m in ('base', 'sft', 'dpo', 'grpo'):
+        r = ev[m]
+        assert set(r) >= {'accuracy', 'ci95', 'n'} and r['n'] == suite['prompts']
+        assert r['ci95'][0] <= r['accuracy'] <= r['ci95'][1] and r['ci95'][1] - r['ci95'][0] > 0
+    assert 'held-out accuracy' in out and 'grpo' in out
+    md = (run / 'report.md').read_text()
+    assert '| grpo |' in md and (run / 'accuracy.png').exists() and (run / 'post_training.png').exists()
+    for s in ('data', 'sft', 'dpo', 'grpo'): assert json.loads((run / s / 'train_prompts.json').read_text())
+    assert rep['data']['task_share'] > 0.2
+    # the pre-training tokens themselves hold task text, but no prompt of the suite
+    tok = BPETokenizer.from_hf(run / 'tokenizer')
+    text = tok.decode(np.asarray(open_tokens(run / 'data', 'train')).tolist())
+    cfg = PipelineConfig(out=str(run), eval_prompts=20)
+    assert 'How many' in text and not [e.prompt for e in pipeline_suite(cfg) if e.prompt in text]
+    # a planted leak (a suite prompt among SFT's training prompts) makes the eval stage refuse to score
+    leak = json.loads((run / 'sft' / 'train_prompts.json').read_text()) + [pipeline_suite(cfg)[0].prompt]
+    (run / 'sft' / 'train_prompts.json').write_text(json.dumps(leak))
+    (run / 'eval' / 'done.json').unlink()
+    with pytest.raises(RuntimeError, match='held-out prompt.*trained on'):
+        run_pipeline(PipelineConfig(out=str(run), stages='eval', eval_prompts=20))
+
+
+@pytest.mark.parametrize('kw,msg', [(dict(tasks='arith,nope'), 'tasks must name'), (dict(task_fraction=1.0), 'task_fraction'),
+                                    (dict(eval_prompts=0), 'eval_prompts'), (dict(sft_lr=-1.0), 'sft_lr'),
+                                    (dict(post_training_steps={'ppo': 3}), 'post_training_steps')])
+def test_bad_task_arguments_are_refused(tmp_path, kw, msg):
+    from qwen_edu.pipeline import validate_pipeline
+    with pytest.raises(ValueError, match=msg): validate_pipeline(PipelineConfig(out=str(tmp_path / 'r'), **kw))
+    assert not (tmp_path / 'r').exists()
