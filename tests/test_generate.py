@@ -484,3 +484,15 @@ def test_generate_takes_a_device():
     with pytest.raises(ValueError, match='device'): generate(m, [[1, 2, 3]], 4, device='gpu')
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='cuda'): generate(m, [[1, 2, 3]], 4, device='cuda')
+
+
+def test_fastdecode_sits_below_generate():
+    "qwen_edu.fastdecode (appendix A6) imports only torch; qwen_edu.generate re-exports its decode_layout."
+    import ast
+    from pathlib import Path
+    import qwen_edu.fastdecode, qwen_edu.generate
+    src = (Path(__file__).resolve().parent.parent / 'qwen_edu' / 'fastdecode.py').read_text()
+    mods = {a.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+    assert mods == {'torch'}, mods
+    assert qwen_edu.generate.decode_layout is qwen_edu.fastdecode.decode_layout

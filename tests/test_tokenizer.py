@@ -590,3 +590,37 @@ def test_constructor_refuses_duplicate_and_gapped_special_ids(trained):
     with pytest.raises(ValueError, match=rf"ids must be {n}\.\.{n}.*1000000000"): BPETokenizer(trained.token_bytes, trained.merges, {'a': 10**9})
     assert BPETokenizer(trained.token_bytes, trained.merges, {'b': n + 1, 'a': n}).vocab_size == n + 2
     with pytest.raises(ValueError, match="special_tokens lists '<a>' twice"): BPETokenizer.train('abc abc', 300, special_tokens=['<a>', '<b>', '<a>'])
+
+
+# ---- the fast path (appendix A5, qwen_edu.fastbpe) against the simple versions of chapter 01 ----
+def test_fastbpe_sits_below_tokenizer():
+    "qwen_edu.fastbpe imports nothing from the package (qwen_edu.tokenizer imports it, never the other way)."
+    import ast
+    src = (Path(__file__).resolve().parent.parent / 'qwen_edu' / 'fastbpe.py').read_text()
+    mods = {n.module or '' for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom) and (n.level or 'qwen_edu' in (n.module or ''))}
+    mods |= {a.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Import) for a in n.names if a.name.startswith('qwen_edu')}
+    assert mods == set(), mods
+
+
+def test_pretoken_cache_equals_simple_encoder(trained):
+    "PretokenCache (every path: long and short ASCII stretches, other scripts, the uncached path) = bpe_naive per pre-token."
+    from qwen_edu.tokenizer import BYTE_IDS, bpe_naive, pretokenize
+    from qwen_edu.fastbpe import PretokenCache
+    ranks = {(a, b): (r, n) for r, (a, b, n) in enumerate(trained.merges)}
+    rnd = random.Random(7)
+    latin = [chr(c) for c in range(0x21, 0x100) if not chr(c).isspace() and chr(c).isprintable()]
+    text = unicodedata.normalize('NFC', stdlib_corpus(40_000) + MULTI + 'ab cd\n' + ''.join(rnd.choice(latin) for _ in range(40_000)))
+    simple = [i for w in pretokenize(text) for i in bpe_naive([int(BYTE_IDS[c]) for c in w.encode()], ranks)]
+    pc = PretokenCache(trained._table, _PRETOKEN_RE)
+    assert pc.encode(text) == simple and pc.encode(text) == simple  # cold, then warm
+    assert trained.encode(text) == simple
+
+
+def test_build_merge_table_refuses_bad_input():
+    from qwen_edu.tokenizer import BYTE_IDS
+    from qwen_edu.fastbpe import build_merge_table
+    with pytest.raises(ValueError, match='256 bytes'): build_merge_table([1], [2], [0], [256], BYTE_IDS[:10])
+    with pytest.raises(ValueError, match='one entry per merge'): build_merge_table([1, 2], [2], [0], [256], BYTE_IDS)
+    with pytest.raises(ValueError, match='21 bits'): build_merge_table([1], [2 ** 21], [0], [256], BYTE_IDS)
+    t = build_merge_table([], [], [], [], BYTE_IDS)
+    assert bpe_encode_words([b'abc'], t) == [[int(BYTE_IDS[c]) for c in b'abc']]
