@@ -53,7 +53,7 @@ class PipelineConfig:
     @property
     def run_dir(self): return Path(self.out or f'runs/{self.preset}')
 
-# %% ../nbs/16_pipeline.ipynb #bfab0465
+# %% ../nbs/16_pipeline.ipynb #361ace57
 def pipeline_tasks(cfg: PipelineConfig) -> list:
     "The task families of the run (`cfg.tasks`, comma-separated), checked against qwen_edu.tasks.TASKS."
     from qwen_edu.tasks import TASKS
@@ -249,7 +249,7 @@ def stage_grpo(cfg, ctx):
                  seed=cfg.seed, **_device_args(cfg))
     return _save_stage_model(model, m, cfg, 'grpo', history=m['history'])
 
-# %% ../nbs/16_pipeline.ipynb #479a2c01
+# %% ../nbs/16_pipeline.ipynb #b4e245d9
 EVAL_MODELS = {'base': 'pretrain', 'sft': 'sft', 'dpo': 'dpo', 'grpo': 'grpo'}  # report name -> stage of the model
 
 def training_prompts(run_dir) -> set:
@@ -414,7 +414,7 @@ def run_pipeline(cfg: PipelineConfig):
         write_report_md(ctx, run)
     return ctx
 
-# %% ../nbs/16_pipeline.ipynb #24f04d83
+# %% ../nbs/16_pipeline.ipynb #da998795
 def _plot_accuracy(ev, path):
     "Held-out accuracy of each model with its 95% interval, overall and per task family (a bar chart)."
     import matplotlib; matplotlib.use('Agg')
