@@ -293,3 +293,19 @@ def test_bad_task_arguments_are_refused(tmp_path, kw, msg):
     from qwen_edu.pipeline import validate_pipeline
     with pytest.raises(ValueError, match=msg): validate_pipeline(PipelineConfig(out=str(tmp_path / 'r'), **kw))
     assert not (tmp_path / 'r').exists()
+
+
+def test_gpu_profile_sets_its_defaults_and_flags_override_them(tmp_path, capsys, monkeypatch):
+    "`--profile gpu` picks edu-small and its sizes; an explicit flag wins; an unknown profile is a clear error."
+    import qwen_edu.pipeline as P
+    seen = {}
+    monkeypatch.setattr(P, 'run_ranks', lambda job, prog: seen.setdefault('ctx', {}))
+    monkeypatch.setattr(P, 'validate_pipeline', lambda cfg: seen.update(cfg=cfg))
+    monkeypatch.setattr(P, 'format_report', lambda ctx, run: '')
+    assert pipeline_cli(['--profile', 'gpu', '--max-steps', '7', '--out', str(tmp_path / 'g')]) == 0
+    cfg = seen['cfg']
+    assert cfg.preset == 'edu-small' and cfg.device == 'cuda' and cfg.max_steps == 7 and cfg.seq_len == 512
+    assert cfg.post_training_steps['sft'] == P.PROFILES['gpu']['post_training_steps']['sft']
+    assert P.PipelineConfig.from_profile('gpu', device='cpu').device == 'cpu'
+    assert pipeline_cli(['--profile', 'tpu']) == 2 and 'unknown --profile' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='unknown profile'): P.PipelineConfig.from_profile('tpu')
