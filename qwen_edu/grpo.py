@@ -157,7 +157,7 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
         if e['step'] % num_iterations == 0: hist[e['step'] // num_iterations]['heldout_accuracy'] = e['heldout_accuracy']
     return [h for s, h in sorted(hist.items()) if len(h) > 1 or s == steps]
 
-# %% ../nbs/15_grpo.ipynb #2789e35e
+# %% ../nbs/15_grpo.ipynb #bee079f9
 REWARD_KINDS = ('checker', 'model', 'both')
 
 def score_responses(reward_fn, examples, responses):

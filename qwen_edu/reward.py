@@ -101,16 +101,16 @@ def make_preference_pairs(model, tokenizer, examples, k=8, temperature=1.0, max_
         if rejected is not None and chosen != rejected: pairs.append(PreferencePair(ex, chosen, rejected))
     return pairs
 
-# %% ../nbs/13_reward.ipynb #eeb96d66
-REJECTION_KINDS = ('sample', 'answer', 'step', 'format')
+# %% ../nbs/13_reward.ipynb #69f86328
+REJECTION_KINDS = ('sample', 'answer', 'step', 'operand', 'format')
 
 def _shift(n, rng):
     "n moved by 1-3 either way, kept non-negative when n is (a negative count would give itself away)."
     return rng.choice([m for m in (n - 3, n - 2, n - 1, n + 1, n + 2, n + 3) if m >= 0 or n < 0])
 
 def corrupt_response(ex, response, kind, rng):
-    """A failing variant of the passing `response` ('answer', 'step' or 'format', see above), or None when the kind
-    does not apply (no worked step, no `Answer:`) or the checker would still pass it."""
+    """A failing variant of the passing `response` ('answer', 'step', 'operand' or 'format', see above), or None when
+    the kind does not apply (no worked step, no `Answer:`) or the checker would still pass it."""
     import re
     ans = re.search(r"Answer:\s*(-?\d+)\s*$", response)
     if kind == 'answer': return corrupt_answer(ex, response, rng)
@@ -119,11 +119,20 @@ def corrupt_response(ex, response, kind, rng):
         if not steps or not ans or steps[-1].group(1) != ans.group(1): return None
         s, wrong = steps[-1], str(_shift(int(ans.group(1)), rng))
         bad = response[:s.start(1)] + wrong + response[s.end(1):ans.start(1)] + wrong + response[ans.end(1):]
+    elif kind == 'operand':
+        steps = list(re.finditer(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$", response, re.MULTILINE))
+        if not steps or not ans or steps[-1].group(4) != ans.group(1): return None
+        s = steps[-1]; x, op, y = int(s.group(1)), s.group(2), int(s.group(3))
+        if rng.random() < 0.5: x = _shift(x, rng)
+        else: y = _shift(y, rng)
+        z = {'+': x + y, '-': x - y, '*': x * y}[op]
+        if z < 0: return None
+        bad = response[:s.start()] + f"{x}{op}{y}={z}" + response[s.end():ans.start(1)] + str(z) + response[ans.end(1):]
     elif kind == 'format':
         if not ans: return None
         m = re.search(r"Answer:\s*", response)
         bad = response[:m.start()] + rng.choice(['', 'The answer is ', 'Answer ', 'answer = ']) + response[m.end():]
-    else: raise ValueError(f"kind must be 'answer', 'step' or 'format' (a 'sample' comes from a model), got {kind!r}")
+    else: raise ValueError(f"kind must be 'answer', 'step', 'operand' or 'format' (a 'sample' comes from a model), got {kind!r}")
     return bad if score(ex, bad) == 0.0 else None
 
 def make_reward_pairs(examples, kinds=REJECTION_KINDS, model=None, tokenizer=None, k=4, temperature=1.0,
@@ -195,7 +204,7 @@ def train_reward_model(rm, tokenizer, pairs, steps=100, batch_size=32, lr=1e-3, 
     loss_at = {h['step']: h['loss'] for h in r.history}
     return [(e['step'], loss_at.get(e['step'], float('nan')), e['heldout_loss'], e['heldout_accuracy']) for e in r.evals]
 
-# %% ../nbs/13_reward.ipynb #522ac42c
+# %% ../nbs/13_reward.ipynb #520b0a9b
 @torch.no_grad()
 def reward_model_scores(rm, tokenizer, examples, responses, batch_size=64):
     "The reward model's score of each (example, response) conversation, a list of floats (run where the model is)."

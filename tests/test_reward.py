@@ -111,8 +111,8 @@ def test_reward_pairs_kinds_are_what_they_say():
     from qwen_edu.reward import make_reward_pairs, corrupt_response, REJECTION_KINDS
     from qwen_edu.tasks import extract_answer
     exs = make_examples(['arith', 'word'], 60, seed=0) + make_examples(['arith', 'word'], 20, seed=0, level=2)
-    pairs = make_reward_pairs(exs, kinds=('answer', 'step', 'format'), seed=0)
-    kinds = {k: [p for p in pairs if p.kind == k] for k in ('answer', 'step', 'format')}
+    pairs = make_reward_pairs(exs, kinds=('answer', 'step', 'operand', 'format'), seed=0)
+    kinds = {k: [p for p in pairs if p.kind == k] for k in ('answer', 'step', 'operand', 'format')}
     assert all(len(v) >= 20 for v in kinds.values()), {k: len(v) for k, v in kinds.items()}
     for p in pairs:
         assert score(p.example, p.chosen) == 1.0 and score(p.example, p.rejected) == 0.0 and p.chosen == p.example.solution
@@ -121,12 +121,17 @@ def test_reward_pairs_kinds_are_what_they_say():
     for p in kinds['step']:  # the worked step's result is wrong, and the answer follows it
         last_step = re.findall(r"=(-?\d+)$", p.rejected, re.MULTILINE)[-1]
         assert last_step == extract_answer(p.rejected) != p.example.answer and int(last_step) >= 0
+    for p in kinds['operand']:  # a miscopied operand, the arithmetic done right on it, the answer following it
+        x, op, y, z = re.findall(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$", p.rejected, re.MULTILINE)[-1]
+        x0, _, y0, _ = re.findall(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$", p.chosen, re.MULTILINE)[-1]
+        assert {'+': int(x) + int(y), '-': int(x) - int(y), '*': int(x) * int(y)}[op] == int(z) == int(extract_answer(p.rejected))
+        assert (x != x0) != (y != y0)  # exactly one operand changed
     for p in kinds['format']: assert extract_answer(p.rejected) is None
     assert not any(p.kind == 'step' and p.example.task == 'arith' and p.example.level == 1 for p in pairs)  # no step there
     assert make_preference_pairs(None, None, exs[:5])[0].kind == ''  # the DPO pairs are unchanged
     with pytest.raises(ValueError, match='pass model='): make_reward_pairs(exs, kinds=REJECTION_KINDS)
     with pytest.raises(ValueError, match='non-empty subset'): make_reward_pairs(exs, kinds=())
-    with pytest.raises(ValueError, match="'answer', 'step' or 'format'"): corrupt_response(exs[0], 'Answer: 1', 'sample', None)
+    with pytest.raises(ValueError, match="'answer', 'step', 'operand' or 'format'"): corrupt_response(exs[0], 'Answer: 1', 'sample', None)
 
 
 def test_reward_pairs_with_samples(monkeypatch):
