@@ -170,3 +170,17 @@ def test_reward_model_scores_equal_the_training_forward():
     with torch.no_grad(): assert torch.allclose(torch.tensor(s), rm(ids, attn), atol=1e-5)
     assert len(reward_model_scores(rm, tok, [pairs[0].example], ['\n' + pairs[0].chosen])) == 1  # any text gets a score
     with pytest.raises(ValueError, match='2 examples but 1 responses'): reward_model_scores(rm, tok, [pairs[0].example] * 2, ['x'])
+
+
+def test_toy_reward_model_is_cached_as_safetensors(tmp_path):
+    from qwen_edu.reward import toy_reward_model
+    from qwen_edu.sft import train_task_tokenizer, toy_model
+    tok = train_task_tokenizer(vocab_size=300, n=60)
+    torch.manual_seed(0)
+    sft = toy_model(tok, hidden_size=32)
+    kw = dict(n_train=4, k=2, steps=2, batch_size=4)
+    rm, hist = toy_reward_model(tok, sft, tmp_path, **kw)
+    assert hist is not None and len(list(tmp_path.glob('toy_reward_*.safetensors'))) == 1
+    again, hist2 = toy_reward_model(tok, sft, tmp_path, **kw)  # from the cache: the same weights, no training
+    assert hist2 is None and all(torch.equal(v, again.state_dict()[k]) for k, v in rm.state_dict().items())
+    assert any(not torch.equal(v, again.model.state_dict()[k]) for k, v in sft.model.state_dict().items())  # it trained
