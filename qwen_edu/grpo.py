@@ -107,6 +107,9 @@ def grpo_train(policy, ref_model, tokenizer, queries, steps=50, group_size=8, qu
     from qwen_edu.engine import fit, loop_config, init_distributed
     from qwen_edu.distributed import autocast_for
     if not queries: raise ValueError("grpo_train needs at least one query")
+    if not any(p.requires_grad for p in policy.parameters()):
+        raise ValueError("the policy has no trainable parameters (a copy of a frozen reference model?): "
+                         "call policy.requires_grad_(True) first")
     if not temperature > 0: raise ValueError(f"temperature must be > 0: GRPO samples its groups (got {temperature})")
     stop, pad = _special_id(tokenizer, '<|im_end|>'), tokenizer.eos_id or 0
     cfg = loop_config(policy, steps * num_iterations, lr, device=device, dtype=dtype, compile=compile, seed=seed,

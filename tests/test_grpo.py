@@ -159,6 +159,8 @@ def test_completion_token_logps_and_a_grpo_step(tok):
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ref_sd.items())
     assert any(not torch.equal(p, ref_sd[n]) for n, p in pol.state_dict().items())
     with pytest.raises(ValueError, match='at least one query'): grpo_train(pol, ref, tok, [], steps=1)
+    with pytest.raises(ValueError, match='no trainable parameters'):  # a copy of the reference grpo_train froze
+        grpo_train(copy.deepcopy(ref), ref, tok, qs, steps=1)
 
 
 def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
