@@ -223,7 +223,7 @@ def reward_model_scores(rm, tokenizer, examples, responses, batch_size=64):
 # %% ../nbs/13_reward.ipynb #50f8ab9b
 RM_VERSION = 'rm1'  # in the cache file name: bumped whenever the recipe below changes
 
-def toy_reward_model(tokenizer, sft, cache_dir=None, n_train=400, k=4, steps=1000, batch_size=32, lr=3e-4, seed=0,
+def toy_reward_model(tokenizer, sft, cache_dir=None, n_train=2000, k=4, steps=1000, batch_size=32, lr=3e-4, seed=0,
                      eval_pairs=None, eval_every=100, overwrite=False):
     """(reward model, history) trained from the toy SFT model on `make_reward_pairs` of `n_train` training-split
     prompts; cached as a safetensors file in `cache_dir`: loaded from there when present (history None) unless

@@ -149,12 +149,21 @@ def test_reward_pairs_with_samples(monkeypatch):
     assert 'sample' not in {p.kind for p in pairs if p.example is ex[1]}  # no failing sample: no such pair
 
 
-def test_chapter_reward_pairs_hold_out_their_prompts():
-    "The chapter's reward-model pairs (train and held-out draws) share no prompt: held-out accuracy is on new prompts."
-    train = make_examples(['arith', 'word'], 400, seed=10, split='train')
-    test = make_examples(['arith', 'word'], 200, seed=11, split='test')
-    assert not {e.prompt for e in train} & {e.prompt for e in test}
-    assert {e.prompt for e in make_examples(['arith', 'word'], 400, seed=10)} & {e.prompt for e in test}  # unsplit: shared
+def test_toy_reward_model_trains_on_no_heldout_prompt(monkeypatch):
+    "toy_reward_model's training prompts (captured where it makes its pairs) hold none of chapter 13's held-out prompts."
+    import qwen_edu.reward as R
+    from qwen_edu.sft import train_task_tokenizer, toy_model
+    from qwen_edu.tasks import is_heldout
+    class Stop(Exception): pass
+    seen = {}
+    def capture(examples, **kw): seen['examples'] = examples; raise Stop
+    monkeypatch.setattr(R, 'make_reward_pairs', capture)
+    tok = train_task_tokenizer(vocab_size=300, n=60)
+    with pytest.raises(Stop): R.toy_reward_model(tok, toy_model(tok, hidden_size=32))
+    train = {e.prompt for e in seen['examples']}
+    test = {e.prompt for e in make_examples(['arith', 'word'], 200, seed=11, split='test')}  # the chapter's held-out draw
+    assert len(seen['examples']) == 2000 and not train & test and not any(is_heldout(p) for p in train)
+    assert {e.prompt for e in make_examples(['arith', 'word'], 2000, seed=10)} & test  # an unsplit draw would share some
 
 
 def test_reward_model_scores_equal_the_training_forward():
