@@ -159,6 +159,8 @@ def test_completion_token_logps_and_a_grpo_step(tok):
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ref_sd.items())
     assert any(not torch.equal(p, ref_sd[n]) for n, p in pol.state_dict().items())
     with pytest.raises(ValueError, match='at least one query'): grpo_train(pol, ref, tok, [], steps=1)
+    with pytest.raises(ValueError, match='no trainable parameters'):  # a copy of the reference grpo_train froze
+        grpo_train(copy.deepcopy(ref), ref, tok, qs, steps=1)
 
 
 def test_run_grpo_and_pipeline_registration(tok, tmp_path, monkeypatch):
@@ -235,3 +237,62 @@ def test_reference_and_old_logps_share_the_policys_precision(tok, monkeypatch):
                  queries_per_step=2, max_new_tokens=5, num_iterations=2, dtype='bf16')
     lp, old, ref = seen[0]
     assert (lp - ref).abs().max() < 1e-4 and (lp - old).abs().max() < 1e-4  # fp32 ones: about 1e-3 apart
+
+
+# ---- where the rewards come from ------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def rm(tok):
+    from qwen_edu.reward import RewardModel
+    from qwen_edu.sft import toy_model
+    torch.manual_seed(0)
+    return RewardModel.from_causal_lm(toy_model(tok, hidden_size=32)).eval()
+
+
+def test_reward_kinds(tok, rm):
+    from qwen_edu.grpo import make_reward_fn, score_responses
+    from qwen_edu.reward import reward_model_scores
+    from qwen_edu.tasks import make_examples, score
+    exs = make_examples(['arith', 'word'], 4, seed=0)
+    resp = [exs[0].solution, 'Answer: nothing', exs[2].solution, 'no answer']
+    checker = make_reward_fn('checker')
+    assert checker is score  # today's behaviour, unchanged
+    assert score_responses(checker, exs, resp) == [1.0, 0.0, 1.0, 0.0]
+    s = reward_model_scores(rm, tok, exs, resp)
+    assert score_responses(make_reward_fn('model', tok, rm), exs, resp) == pytest.approx(s, abs=1e-6)
+    both = score_responses(make_reward_fn('both', tok, rm), exs, resp)
+    assert both == pytest.approx([c + 0.5 / (1 + math.exp(-x)) for c, x in zip([1, 0, 1, 0], s)], abs=1e-6)
+    assert min(both[0], both[2]) > 1.0 and max(both[1], both[3]) < 0.5  # a pass always beats a fail
+    assert make_reward_fn('model', tok, rm)(exs[1], resp[1]) == pytest.approx(s[1], abs=1e-6)  # one pair at a time
+
+
+def test_reward_kind_errors(tok, rm):
+    from qwen_edu.grpo import make_reward_fn, run_grpo
+    from qwen_edu.sft import toy_model
+    with pytest.raises(ValueError, match='one of'): make_reward_fn('rm')
+    for kind in ('model', 'both'):
+        with pytest.raises(ValueError, match='needs reward_model='): make_reward_fn(kind, tok)
+    with pytest.raises(ValueError, match='needs the tokenizer'): make_reward_fn('model', None, rm)
+    with pytest.raises(ValueError, match='does not use reward_model'): make_reward_fn('checker', tok, rm)
+    with pytest.raises(ValueError, match='weight must be'): make_reward_fn('both', tok, rm, weight=1.0)
+    with pytest.raises(ValueError, match='needs reward_model='): run_grpo(toy_model(tok, hidden_size=32), tok, reward='both')
+
+
+def test_run_grpo_with_the_reward_model_and_given_examples(tok, rm, monkeypatch):
+    "reward='model' reaches grpo_train as the reward model's scores; queries/eval_examples replace the drawn sets."
+    import qwen_edu.grpo as G
+    from qwen_edu.sft import toy_model
+    from qwen_edu.tasks import make_examples
+    seen = {}
+    real = G.grpo_train
+    def spy(model, ref, tok_, queries, **kw):
+        seen.update(queries=queries, eval=kw['eval_examples'], reward_fn=kw['reward_fn'])
+        return real(model, ref, tok_, queries, **kw)
+    monkeypatch.setattr(G, 'grpo_train', spy)
+    qs, ev = make_examples('arith', 3, seed=5, split='train'), make_examples('arith', 2, seed=6, split='test')
+    m = toy_model(tok, hidden_size=32)
+    metrics = G.run_grpo(m, tok, steps=1, group_size=2, queries_per_step=1, max_new_tokens=4, reward='model',
+                         reward_model=rm, queries=qs, eval_examples=ev)
+    assert seen['queries'] == qs and seen['eval'] == ev and metrics['reward'] == 'model'
+    assert isinstance(seen['reward_fn'], G.ModelReward) and seen['reward_fn'].kind == 'model'
+    with pytest.raises(ValueError, match='also training queries'):
+        G.run_grpo(m, tok, steps=1, queries=qs, eval_examples=qs[:1])

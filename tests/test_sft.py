@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from qwen_edu.chat import apply_chat_template
 from qwen_edu.sft import (assistant_mask, example_messages, generate_responses, pack_conversations, prompt_ids,
                           rejection_sample, sample, sft_batch, sft_train, tokenize_conversation, toy_model,
-                          train_task_tokenizer, lr_schedule, run_sft, save_stage, load_stage, toy_models)
+                          train_task_tokenizer, lr_schedule, run_sft, save_stage, load_stage, toy_models,
+                          pretraining_texts, TOY_VERSION)
 from qwen_edu.tasks import make_examples, score
 from qwen_edu.tokenizer import BPETokenizer
 
@@ -192,10 +193,12 @@ def test_stage_saves_are_safetensors_and_json_and_never_unpickle(tok, tmp_path, 
 def test_toy_models_cache_is_safetensors_and_ignores_pickles(tmp_path, no_unpickling):
     marker = tmp_path / 'UNPICKLED'
     kw = dict(pretrain_steps=1, sft_steps=1, hidden_size=32, verbose=False)
-    for n in ('base', 'sft'): booby_trapped_pickle(tmp_path / f"toy_{n}_h32_p1_s1_seed0.pt", marker)
+    for n in ('base', 'sft'): booby_trapped_pickle(tmp_path / f"toy_{n}_{TOY_VERSION}_h32_p1_s1_seed0.pt", marker)
+    stale = [tmp_path / f"toy_{n}_h32_p1_s1_seed0.safetensors" for n in ('base', 'sft')]  # v1 names: no version tag
+    for p in stale: p.write_bytes(b'not a model')  # a stale cache must never be read
     _, base, sft = toy_models(tmp_path, **kw)
-    assert sorted(p.name for p in tmp_path.glob('*.safetensors')) == ['toy_base_h32_p1_s1_seed0.safetensors',
-                                                                     'toy_sft_h32_p1_s1_seed0.safetensors']
+    assert sorted(p.name for p in tmp_path.glob(f'*{TOY_VERSION}*.safetensors')) == [
+        f'toy_base_{TOY_VERSION}_h32_p1_s1_seed0.safetensors', f'toy_sft_{TOY_VERSION}_h32_p1_s1_seed0.safetensors']
     _, base2, sft2 = toy_models(tmp_path, **kw)  # from the cache
     for a, b in ((base, base2), (sft, sft2)):
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
@@ -235,3 +238,15 @@ def test_sft_compiled_equals_eager(tok, model):
             assert all(getattr(l, '_compiled_call_impl', None) is None for l in m.model.layers)  # eager model back
     finally: D.apply_compile = real
     assert calls == [1] and losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+def test_pretraining_texts_hold_no_heldout_prompt():
+    "The toy models pre-train on this text: no held-out prompt may be in it (level 1 has only ~100 arith prompts)."
+    from qwen_edu.tasks import is_heldout
+    texts = pretraining_texts(2000)
+    prompts = {t.split('\n')[0] for t in texts}
+    assert len(prompts) > 100 and not any(is_heldout(p) for p in prompts)
+    test_prompts = {e.prompt for e in make_examples(['arith', 'word'], 200, seed=1, level=1, split='test')}
+    assert not prompts & test_prompts
+    everything = {t.split('\n')[0] for t in pretraining_texts(2000, split=None)}  # the old draw: contaminated
+    assert everything & test_prompts
