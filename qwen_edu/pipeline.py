@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['PROFILES', 'POST_TRAINING_STEPS', 'EVAL_MODELS', 'STAGES', 'finite', 'ONE_PROCESS_STAGES', 'PipelineConfig',
-           'pipeline_tasks', 'task_documents', 'pipeline_suite', 'stage_tokenizer', 'stage_data', 'pipeline_warmup',
-           'pretrain_config', 'stage_pretrain', 'stage_sample', 'post_training_steps', 'monitor_examples',
-           'record_prompts', 'stage_sft', 'stage_dpo', 'stage_grpo', 'training_prompts', 'stage_eval',
-           'validate_pipeline', 'strict_json_text', 'run_pipeline', 'write_report_md', 'format_report', 'pipeline_cli']
+           'pipeline_tasks', 'arithmetic_drills', 'task_documents', 'pipeline_suite', 'stage_tokenizer', 'stage_data',
+           'pipeline_warmup', 'pretrain_config', 'stage_pretrain', 'stage_sample', 'post_training_steps',
+           'monitor_examples', 'record_prompts', 'stage_sft', 'stage_dpo', 'stage_grpo', 'training_prompts',
+           'stage_eval', 'validate_pipeline', 'strict_json_text', 'run_pipeline', 'write_report_md', 'format_report',
+           'pipeline_cli']
 
 # %% ../nbs/16_pipeline.ipynb #1e247964
 import dataclasses, json, math, os, sys, time, typing
@@ -30,6 +31,7 @@ class PipelineConfig:
     task_fraction: float = 0.4        # share of the pre-training bytes that is synthetic task text (training split); 0: none
     eval_prompts: int = 500           # distinct held-out prompts per task family in the final evaluation
     sft_lr: float = 3e-3              # SFT peak learning rate
+    dpo_lr: float = 1e-5              # DPO learning rate (constant; 1e-4 collapsed task accuracy 0.31 -> 0.05 in a trial)
     post_training_steps: typing.Optional[dict] = None  # e.g. {"sft": 300}: steps per stage (default: scaled with max_steps)
     max_steps: int = 400              # pre-training optimizer steps
     batch_size: int = 16              # sequences per step
@@ -76,12 +78,27 @@ def pipeline_tasks(cfg: PipelineConfig) -> list:
     if not names or bad: raise ValueError(f"tasks must name task families from {sorted(TASKS)}, got {cfg.tasks!r}; fix --tasks")
     return names
 
-def task_documents(tasks, n_bytes, seed=0, per_doc=8, level=1):
+def arithmetic_drills(n_bytes, seed=0, lines=40):
+    "About `n_bytes` of drill sheets: `lines` single-digit facts per sheet ('7+6=13', '9-3=6'), the facts the tasks use."
+    import random
+    r, docs, n = random.Random(f"drills|{seed}"), [], 0
+    while n < n_bytes:
+        facts = []
+        for _ in range(lines):
+            a, b = r.randint(0, 9), r.randint(0, 9)
+            if r.random() < 0.6: facts.append(f"{a}+{b}={a + b}")
+            else: a, b = max(a, b), min(a, b); facts.append(f"{a}-{b}={a - b}")
+        text = "\n".join(facts) + "\n"
+        docs.append(dict(text=text, domain='tasks', prompts=[])); n += len(text.encode())
+    return docs
+
+def task_documents(tasks, n_bytes, seed=0, per_doc=8, level=1, drill_fraction=0.3):
     """About `n_bytes` of synthetic task text for pre-training: worksheets of `per_doc` problems, each its prompt and
     worked solution in plain text (no chat markup), drawn from the training split only (deterministic by seed);
-    each document also lists its `prompts`."""
+    each document also lists its `prompts`. `drill_fraction` of the bytes are `arithmetic_drills`."""
     from qwen_edu.tasks import make_examples
-    docs, n, part = [], 0, 0
+    docs = arithmetic_drills(int(n_bytes * drill_fraction), seed)
+    n, part = sum(len(d['text'].encode()) for d in docs), 0
     while n < n_bytes:
         ex = make_examples(list(tasks), 1024, seed=seed * 7919 + part, level=level, split='train'); part += 1
         for i in range(0, len(ex), per_doc):
@@ -248,7 +265,7 @@ def stage_dpo(cfg, ctx):
     steps = post_training_steps(cfg, 'dpo')
     train_ex = _post_examples(cfg, 'dpo', max(16, 4 * steps))
     record_prompts(cfg, 'dpo', [e.prompt for e in train_ex])
-    m = run_dpo(model, tok, steps=steps, base_model=base, optimizer='onties', train_examples=train_ex,
+    m = run_dpo(model, tok, steps=steps, lr=cfg.dpo_lr, base_model=base, optimizer='onties', train_examples=train_ex,
                 eval_examples=monitor_examples(cfg, pipeline_suite(cfg)), seed=cfg.seed, **_device_args(cfg))
     return _save_stage_model(model, m, cfg, 'dpo', history=m['history'])
 
@@ -352,8 +369,10 @@ def validate_pipeline(cfg: PipelineConfig) -> dict:
                          f"got {tf!r}; fix --task-fraction")
     if not is_int(cfg.eval_prompts) or cfg.eval_prompts < 1:
         raise ValueError(f"eval_prompts must be a positive int, got {cfg.eval_prompts!r}; fix --eval-prompts")
-    if not isinstance(cfg.sft_lr, (int, float)) or isinstance(cfg.sft_lr, bool) or not math.isfinite(cfg.sft_lr) or cfg.sft_lr <= 0:
-        raise ValueError(f"sft_lr must be a finite number > 0, got {cfg.sft_lr!r}; fix --sft-lr")
+    for k in ('sft_lr', 'dpo_lr'):
+        v = getattr(cfg, k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{k} must be a finite number > 0, got {v!r}; fix --{k.replace('_', '-')}")
     pts = cfg.post_training_steps or {}
     if not isinstance(pts, dict) or set(pts) - set(POST_TRAINING_STEPS) or not all(is_int(v) and v >= 1 for v in pts.values()):
         raise ValueError(f"post_training_steps must map stages {sorted(POST_TRAINING_STEPS)} to positive ints, got {pts!r}; "
