@@ -128,11 +128,12 @@ def stage_tokenizer(cfg: PipelineConfig, ctx):
 
 def stage_data(cfg: PipelineConfig, ctx):
     """Filter, dedup and tokenise the built-in corpus plus the synthetic task text (written to
-    RUN/tasks_text/tasks.jsonl, its prompts to RUN/data/train_prompts.json) into train/val shards (qwen_edu.data)."""
+    RUN/tasks_text/tasks.jsonl, its prompts to RUN/data/train_prompts.json) into train/val shards (qwen_edu.data).
+    With task text the built-in part is code and prose only: the task text takes the place of its generated math."""
     from qwen_edu.data import build_corpus
     from qwen_edu.tokenizer import BPETokenizer
     tok = BPETokenizer.from_hf(ctx['tokenizer']['tokenizer'])
-    sources = ['builtin']
+    sources = ['builtin:code,prose' if cfg.task_fraction > 0 else 'builtin']  # the task text is the run's math
     if cfg.task_fraction > 0:
         docs = task_documents(pipeline_tasks(cfg), int(cfg.corpus_size * cfg.task_fraction / (1 - cfg.task_fraction)), cfg.seed)
         src = cfg.run_dir / 'tasks_text' / 'tasks.jsonl'
@@ -199,7 +200,7 @@ def stage_sample(cfg: PipelineConfig, ctx):
     return res
 
 # %% ../nbs/16_pipeline.ipynb #3afc301b
-POST_TRAINING_STEPS = {'sft': 300, 'dpo': 60, 'grpo': 40}  # at the default pre-training length; shorter runs scale them
+POST_TRAINING_STEPS = {'sft': 400, 'dpo': 60, 'grpo': 40}  # at the default pre-training length; shorter runs scale them
 
 def post_training_steps(cfg, name):
     "Steps of a post-training stage: `cfg.post_training_steps[name]` if set, else scaled by max_steps / its default (at most 1)."
