@@ -345,3 +345,30 @@ def test_cuda_bf16_grouped_equals_padded():
     gb = torch.autograd.grad(b.float().sum(), (x, ex.gate_up_proj))
     for p, q in zip(ga, gb): torch.testing.assert_close(p, q, atol=5e-2, rtol=5e-2)
     assert not grouped_mm_available(x, ex)  # fp32 outside autocast: grouped_mm wants bf16 on CUDA, so padded
+
+
+def test_fast_dispatch_module_is_a_lower_layer_and_moe_keeps_its_names():
+    "qwen_edu.moe_dispatch (appendix A7) imports no qwen_edu module; qwen_edu.moe imports it and keeps the moved names."
+    import ast, pathlib
+    import qwen_edu.moe as moe, qwen_edu.moe_dispatch as md
+    tree = ast.parse(pathlib.Path(md.__file__).read_text())
+    ours = {n.module or '.' for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.level or (n.module or '').startswith('qwen_edu'))}
+    ours |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name.startswith('qwen_edu')}
+    assert not ours, f"qwen_edu.moe_dispatch must stay below qwen_edu.moe, but imports {ours}"
+    for name in ('count_per_expert', 'expert_slots', 'dispatch_padded', 'expert_dtype', 'grouped_mm_available',
+                 'dispatch_grouped'):
+        assert getattr(moe, name) is getattr(md, name), name
+    assert moe.DISPATCH == {'grouped': md.dispatch_grouped, 'padded': md.dispatch_padded, 'loop': moe.dispatch_loop}
+
+
+def test_aux_loss_barely_pushes_a_dead_expert_back():
+    "On a collapsed router the aux loss's gradient on an expert's logit scales with its probability (chapter 08's study)."
+    E = 8
+    logits = torch.zeros(64, E); logits[:, 0] = 4.; logits[:, 7] = -6.  # expert 0 takes every token, 7 is dead
+    logits.requires_grad_()
+    load_balancing_loss(logits, E, 1).backward()
+    g = logits.grad.sum(0)
+    assert g[0] > 0 and (g[1:] < 0).all()       # descent lowers the overloaded expert, raises the others...
+    assert -g[7] < 1e-2 * -g[1]                 # ...but the dead one ~p_7/p_1 as much as a merely unused one
+    assert -g[7] < 1e-3 * g[0]
