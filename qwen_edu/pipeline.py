@@ -110,7 +110,7 @@ def task_documents(tasks, n_bytes, seed=0, per_doc=8, level=1, drill_fraction=0.
 def pipeline_suite(cfg: PipelineConfig) -> list:
     """The held-out evaluation suite of the run: up to `cfg.eval_prompts` distinct prompts per task family (level 1),
     all in the held-out split by prompt hash, so never among the training prompts of any stage (they draw the
-    training split); a family with fewer distinct held-out prompts (level-1 `arith` has about 20) gives all it has."""
+    training split); a family with fewer distinct held-out prompts (level-1 `arith` has 25) gives all it has."""
     from qwen_edu.eval import heldout_suite
     return heldout_suite(families=pipeline_tasks(cfg), n_per_family=cfg.eval_prompts, levels=(1,), seed=cfg.seed)
 
