@@ -85,21 +85,28 @@ def make_preference_pairs(model, tokenizer, examples, k=8, temperature=1.0, max_
     """One checker-labelled pair per example from `k` samples (reference solution / corrupted answer as fallbacks).
     A sample that cannot stand as an assistant turn of the chat format (e.g. it starts with a newline, which would
     merge with the turn's header when tokenized) is not used."""
-    from qwen_edu.sft import generate_responses, tokenize_conversation, example_messages
-    def usable(ex, r):
-        try: tokenize_conversation(tokenizer, example_messages(ex, r)); return True
-        except ValueError: return False
     rng, pairs = random.Random(seed), []
-    samples = generate_responses(model, tokenizer, examples, k, temperature, max_new_tokens, seed) if model is not None \
-        else [[] for _ in examples]
-    for ex, resps in zip(examples, samples):
-        resps = [r for r in resps if usable(ex, r)]
-        good = [r for r in resps if score(ex, r) == 1.0]
-        bad = [r for r in resps if score(ex, r) == 0.0]
-        chosen = good[0] if good else ex.solution
+    for ex, chosen, bad in _chosen_and_failures(model, tokenizer, examples, k, temperature, max_new_tokens, seed):
         rejected = bad[0] if bad else corrupt_answer(ex, chosen, rng)
         if rejected is not None and chosen != rejected: pairs.append(PreferencePair(ex, chosen, rejected))
     return pairs
+
+def _usable(tokenizer, ex, r):
+    "Whether `r` can stand as the assistant turn of `ex` in the chat format (always, without a tokenizer)."
+    from qwen_edu.sft import tokenize_conversation, example_messages
+    if tokenizer is None: return True
+    try: tokenize_conversation(tokenizer, example_messages(ex, r)); return True
+    except ValueError: return False
+
+def _chosen_and_failures(model, tokenizer, examples, k, temperature, max_new_tokens, seed):
+    "(example, chosen, failing samples) per example: `k` samples of `model` (none without one), usable ones only; chosen is the first passing sample, else the reference solution."
+    from qwen_edu.sft import generate_responses
+    samples = generate_responses(model, tokenizer, examples, k, temperature, max_new_tokens, seed) if model is not None \
+        else [[] for _ in examples]
+    for ex, resps in zip(examples, samples):
+        resps = [r for r in resps if _usable(tokenizer, ex, r)]
+        good = [r for r in resps if score(ex, r) == 1.0]
+        yield ex, (good[0] if good else ex.solution), [r for r in resps if score(ex, r) == 0.0]
 
 # %% ../nbs/13_reward.ipynb #69f86328
 REJECTION_KINDS = ('sample', 'answer', 'step', 'operand', 'format')
@@ -139,27 +146,16 @@ def make_reward_pairs(examples, kinds=REJECTION_KINDS, model=None, tokenizer=Non
                       max_new_tokens=24, seed=0):
     """Up to one pair per kind per example, all with the same chosen response (a passing sample of `model`, else
     the reference solution); each pair's `kind` says how its rejected response was made. 'sample' needs `model`."""
-    from qwen_edu.sft import generate_responses, tokenize_conversation, example_messages
     kinds = tuple(kinds)
     if not kinds or set(kinds) - set(REJECTION_KINDS):
         raise ValueError(f"kinds must be a non-empty subset of {REJECTION_KINDS}, got {kinds!r}")
     if 'sample' in kinds and (model is None or tokenizer is None):
         raise ValueError("'sample' rejections are the model's failing samples: pass model= and tokenizer= (or drop 'sample')")
-    def usable(ex, r):
-        if tokenizer is None: return True
-        try: tokenize_conversation(tokenizer, example_messages(ex, r)); return True
-        except ValueError: return False
     rng, pairs = random.Random(seed), []
-    samples = generate_responses(model, tokenizer, examples, k, temperature, max_new_tokens, seed) if model is not None \
-        else [[] for _ in examples]
-    for ex, resps in zip(examples, samples):
-        resps = [r for r in resps if usable(ex, r)]
-        good = [r for r in resps if score(ex, r) == 1.0]
-        bad = [r for r in resps if score(ex, r) == 0.0]
-        chosen = good[0] if good else ex.solution
+    for ex, chosen, bad in _chosen_and_failures(model, tokenizer, examples, k, temperature, max_new_tokens, seed):
         for kind in kinds:
             rej = (bad[0] if bad else None) if kind == 'sample' else corrupt_response(ex, chosen, kind, rng)
-            if rej is not None and rej != chosen and usable(ex, rej): pairs.append(PreferencePair(ex, chosen, rej, kind))
+            if rej is not None and rej != chosen and _usable(tokenizer, ex, rej): pairs.append(PreferencePair(ex, chosen, rej, kind))
     return pairs
 
 # %% ../nbs/13_reward.ipynb #cb20a446
