@@ -294,7 +294,7 @@ def stage_eval(cfg, ctx):
     """Every model of the run (pre-trained, then each post-training stage) on the whole held-out suite: greedy
     answers to chat prompts scored by the task checkers, accuracy with a 95% Wilson interval, per family and overall.
     It refuses to score a suite that shares a prompt with any stage's training prompts."""
-    from qwen_edu.eval import evaluate_suite
+    from qwen_edu.eval import evaluate_suite, paired_difference
     from qwen_edu.tokenizer import BPETokenizer
     from qwen_edu.distributed import resolve_device
     suite = pipeline_suite(cfg)
@@ -302,12 +302,15 @@ def stage_eval(cfg, ctx):
     if leaked: raise RuntimeError(f"{len(leaked)} held-out prompt(s) were trained on, e.g. {sorted(leaked)[:2]}: "
                                   "the evaluation would overstate accuracy; check the stages' training splits")
     tok, dev = BPETokenizer.from_hf(ctx['tokenizer']['tokenizer']), resolve_device(cfg.device)
-    res = {}
+    res, scores = {}, {}
     for label, stage in EVAL_MODELS.items():
         if stage not in ctx: continue
-        r = evaluate_suite(load_trained_model(ctx[stage]['out']).to(dev), tok, suite, max_new_tokens=24)
-        res[label] = {**r['all'], 'families': r['families']}
-    return dict(res, suite=dict(prompts=len(suite), distinct=len({e.prompt for e in suite}),
+        r = evaluate_suite(load_trained_model(ctx[stage]['out']).to(dev), tok, suite, max_new_tokens=24, scores=True)
+        res[label], scores[label] = {**r['all'], 'families': r['families']}, r['scores']
+    _write_json(cfg.run_dir / 'eval' / 'scores.json', dict(prompts=[e.prompt for e in suite], **scores))
+    names = list(scores)  # each stage against the one before it (paired: the same prompts)
+    changes = {f"{a}->{b}": paired_difference(scores[a], scores[b]) for a, b in zip(names, names[1:])}
+    return dict(res, changes=changes, suite=dict(prompts=len(suite), distinct=len({e.prompt for e in suite}),
                                 families={f: sum(e.task == f for e in suite) for f in pipeline_tasks(cfg)},
                                 trained_prompts_checked=len(training_prompts(cfg.run_dir))))
 
@@ -514,6 +517,10 @@ def write_report_md(ctx, run_dir) -> Path:
               "| model | accuracy | 95% interval | n |", "|---|---|---|---|"]
         L += [f"| {m} | {ev[m]['accuracy']:.3f} | [{ev[m]['ci95'][0]:.3f}, {ev[m]['ci95'][1]:.3f}] | {ev[m]['n']} |"
               for m in EVAL_MODELS if m in ev]
+        if ev.get('changes'):
+            L += ["", "Each stage against the one before it, on the same prompts (paired; 95% bootstrap over prompts):", "",
+                  "| change | accuracy difference | 95% interval |", "|---|---|---|"]
+            L += [f"| {k} | {c['delta']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] |" for k, c in ev['changes'].items()]
         _plot_accuracy(ev, run / 'accuracy.png'); L += ["", "![held-out accuracy](accuracy.png)", ""]
     if 'dpo' in ctx and 'heldout_pref_accuracy_after' in ctx['dpo']:
         d = ctx['dpo']
@@ -555,6 +562,8 @@ def format_report(ctx, run_dir):
         ev = ctx['eval']
         L.append(f"  eval       held-out accuracy [95% interval] on {ev['suite']['distinct']} distinct prompts:")
         L += [f"             {m:5s} {ev[m]['accuracy']:.3f} [{ev[m]['ci95'][0]:.3f}, {ev[m]['ci95'][1]:.3f}]" for m in EVAL_MODELS if m in ev]
+        if ev.get('changes'): L.append("             paired change [95% bootstrap]: " + ', '.join(
+            f"{k} {c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" for k, c in ev['changes'].items()))
     L.append("  times      " + ', '.join(f"{k} {v.get('seconds', 0):.0f}s" for k, v in ctx.items() if isinstance(v, dict)))
     if 'sample' in ctx:
         sm = ctx['sample']

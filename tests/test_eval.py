@@ -172,3 +172,18 @@ def test_card_sections_for_one_checkpoint_reward_model_and_long_context(tiny, tm
     assert '| family | ckpt |' in md and 'Reward model' in md and '| abf | 0.75 | 0.10 |' in md and '| yarn |  | 0.60 |' in md
     assert (tmp_path / 'card' / 'report_card.png').exists() and 'HumanEval' not in md
     assert E.report_card(dict(stages={'m': {'fewshot': res['stages']['ckpt']['suite']['families']}})).count('##') == 1
+
+
+def test_paired_difference_is_the_mean_change_with_a_bootstrap_interval():
+    "b - a on the same items; identical models give exactly 0 with a zero-width interval; bad input is refused."
+    import pytest
+    from qwen_edu.eval import paired_difference
+    a, b = [0, 1, 0, 1] * 50, [1, 1, 0, 1] * 50          # b fixes a quarter of the items and breaks none
+    r = paired_difference(a, b)
+    assert r['delta'] == 0.25 and r['n'] == 200 and r['ci95'][0] < 0.25 < r['ci95'][1] and r['ci95'][0] > 0.1
+    assert paired_difference(a, a) == dict(delta=0.0, ci95=[0.0, 0.0], n=200)
+    # pairing matters: the same two accuracies with the changes on different items give a wider interval
+    c = [1, 0, 1, 1] * 50                                  # also 0.75, but it breaks items a got right
+    wide = paired_difference(a, c)
+    assert wide['delta'] == 0.25 and wide['ci95'][1] - wide['ci95'][0] > r['ci95'][1] - r['ci95'][0]
+    with pytest.raises(ValueError, match='equal-length'): paired_difference([1, 0], [1])

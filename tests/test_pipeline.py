@@ -268,7 +268,11 @@ def test_full_run_reports_every_model_on_the_suite_and_never_trains_on_it(tmp_pa
         r = ev[m]
         assert set(r) >= {'accuracy', 'ci95', 'n'} and r['n'] == suite['prompts']
         assert r['ci95'][0] <= r['accuracy'] <= r['ci95'][1] and r['ci95'][1] - r['ci95'][0] > 0
-    assert 'held-out accuracy' in out and 'grpo' in out
+    assert 'held-out accuracy' in out and 'grpo' in out and 'paired change' in out
+    assert list(ev['changes']) == ['base->sft', 'sft->dpo', 'dpo->grpo']
+    scores = json.loads((run / 'eval' / 'scores.json').read_text())
+    for m in ('base', 'sft', 'dpo', 'grpo'): assert sum(scores[m]) / len(scores[m]) == pytest.approx(ev[m]['accuracy'])
+    assert ev['changes']['sft->dpo']['delta'] == pytest.approx(ev['dpo']['accuracy'] - ev['sft']['accuracy'])
     md = (run / 'report.md').read_text()
     assert '| grpo |' in md and (run / 'accuracy.png').exists() and (run / 'post_training.png').exists()
     for s in ('data', 'sft', 'dpo', 'grpo'): assert json.loads((run / s / 'train_prompts.json').read_text())

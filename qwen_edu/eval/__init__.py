@@ -11,9 +11,10 @@ import torch
 
 # %% auto #0
 __all__ = ['SUITE_FAMILIES', 'FEW_SHOT_FAMILIES', 'RUN_STAGES', 'MODEL_TASKS', 'wilson_interval', 'accuracy_record',
-           'heldout_suite', 'evaluate_suite', 'text_nll', 'bits_per_byte', 'domain_bits_per_byte', 'few_shot_prompt',
-           'few_shot_accuracy', 'evaluate_reward_by_family', 'contaminated_items', 'contamination_report',
-           'load_for_eval', 'evaluate_model', 'evaluate_run', 'longctx_table', 'report_card', 'eval_cli']
+           'heldout_suite', 'evaluate_suite', 'paired_difference', 'text_nll', 'bits_per_byte', 'domain_bits_per_byte',
+           'few_shot_prompt', 'few_shot_accuracy', 'evaluate_reward_by_family', 'contaminated_items',
+           'contamination_report', 'load_for_eval', 'evaluate_model', 'evaluate_run', 'longctx_table', 'report_card',
+           'eval_cli']
 
 # %% ../../nbs/17_eval.ipynb #1f3b9366
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -53,8 +54,9 @@ def heldout_suite(families=SUITE_FAMILIES, n_per_family: int = 100, levels=(1, 2
             seen.add(ex.prompt); out.append(ex)
     return out
 
-def evaluate_suite(model, tokenizer, examples, max_new_tokens: int = 64, batch_size: int = 64) -> dict:
-    "Greedy answers to the suite, scored by each family's checker: accuracy with a 95% interval per family and overall."
+def evaluate_suite(model, tokenizer, examples, max_new_tokens: int = 64, batch_size: int = 64, scores: bool = False) -> dict:
+    """Greedy answers to the suite, scored by each family's checker: accuracy with a 95% interval per family and
+    overall; with `scores`, also every item's 0/1 score in suite order (for paired comparisons of two models)."""
     from qwen_edu.sft import generate_responses
     from qwen_edu.tasks import score
     if not examples: raise ValueError("the suite is empty")
@@ -62,8 +64,20 @@ def evaluate_suite(model, tokenizer, examples, max_new_tokens: int = 64, batch_s
                               batch_size=batch_size)
     s = [score(e, r[0]) for e, r in zip(examples, resp)]
     fams = list(dict.fromkeys(e.task for e in examples))
-    return dict(families={f: accuracy_record([x for x, e in zip(s, examples) if e.task == f]) for f in fams},
-                all=accuracy_record(s))
+    out = dict(families={f: accuracy_record([x for x, e in zip(s, examples) if e.task == f]) for f in fams},
+               all=accuracy_record(s))
+    return {**out, 'scores': s} if scores else out
+
+def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of b - a over paired 0/1 scores of the same items (model B against model A on one suite), with a 95%
+    bootstrap interval that resamples items: tighter than comparing two separate intervals, because both models
+    face the same hard and easy items."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1 or not len(a): raise ValueError(f"need two equal-length score lists, got {a.shape} and {b.shape}")
+    d = b - a
+    idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
+    lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
+    return dict(delta=float(d.mean()), ci95=[float(lo), float(hi)], n=len(d))
 
 # %% ../../nbs/17_eval.ipynb #c118a2c4
 def _bootstrap_ratio(num, den, n_boot: int = 1000, seed: int = 0) -> list:
