@@ -18,6 +18,18 @@ CFG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_
            num_experts=64, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=512)
 
 
+def interleaved_runs(runs, repeats):
+    """Wall and CPU seconds of every call of each of `runs` ({name: fn}), interleaved round by round so that a shared
+    machine's drift hits every contender alike; prints each round."""
+    times, cpu = {n: [] for n in runs}, {n: [] for n in runs}
+    for r in range(repeats):
+        for n, f in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time(); f()
+            times[n].append(time.perf_counter() - t0); cpu[n].append(time.process_time() - c0)
+        print(f"round {r + 1}/{repeats}: " + ', '.join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    return times, cpu
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--repeats', type=int, default=5)
@@ -63,12 +75,7 @@ def main(argv=None):
     losses = {n: f() for n, f in runs.items()}  # warm-up, and the losses must agree
     ref = losses['qwen_edu (grouped, default)']
     for n, l in losses.items(): assert n == floor or abs(l - ref) < 1e-4, (n, l, ref)
-    times, cpu = {n: [] for n in runs}, {n: [] for n in runs}
-    for r in range(a.repeats):
-        for n, f in runs.items():
-            t0, c0 = time.perf_counter(), time.process_time(); f()
-            times[n].append(time.perf_counter() - t0); cpu[n].append(time.process_time() - c0)
-        print(f"round {r + 1}/{a.repeats}: " + ', '.join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    times, cpu = interleaved_runs(runs, a.repeats)
     med = {n: statistics.median(t) for n, t in times.items()}
     cmed = {n: statistics.median(t) for n, t in cpu.items()}
     ntok = a.batch * a.seq

@@ -10,7 +10,7 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 from qwen_edu.config import QwenConfig
 from qwen_edu.hf import from_hf, config_to_hf
 from qwen_edu.moe import moe_blocks
-from bench_moe import CFG  # the same MoE shape as the main MoE bench (bench/ is on sys.path when run as a script)
+from bench_moe import CFG, interleaved_runs  # the same MoE shape as the main MoE bench (bench/ is on sys.path when run as a script)
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings('ignore')
@@ -54,12 +54,7 @@ def main(argv=None):
     ref = losses[names['grouped']]
     for n, l in losses.items(): assert abs(l - ref) < 1e-4, (n, l, ref)
     load0 = os.getloadavg()[0]
-    times, cpu = {n: [] for n in runs}, {n: [] for n in runs}
-    for r in range(a.repeats):
-        for n, f in runs.items():
-            t0, c0 = time.perf_counter(), time.process_time(); f()
-            times[n].append(time.perf_counter() - t0); cpu[n].append(time.process_time() - c0)
-        print(f"round {r + 1}/{a.repeats}: " + ', '.join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    times, cpu = interleaved_runs(runs, a.repeats)
     load1 = os.getloadavg()[0]
     med = {n: statistics.median(t) for n, t in times.items()}
     cmed = {n: statistics.median(t) for n, t in cpu.items()}
