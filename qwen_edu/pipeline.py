@@ -297,8 +297,8 @@ def stage_eval(cfg, ctx):
     from qwen_edu.eval import evaluate_suite, paired_difference
     from qwen_edu.tokenizer import BPETokenizer
     from qwen_edu.distributed import resolve_device
-    suite = pipeline_suite(cfg)
-    leaked = training_prompts(cfg.run_dir) & {e.prompt for e in suite}
+    suite, trained = pipeline_suite(cfg), training_prompts(cfg.run_dir)
+    leaked = trained & {e.prompt for e in suite}
     if leaked: raise RuntimeError(f"{len(leaked)} held-out prompt(s) were trained on, e.g. {sorted(leaked)[:2]}: "
                                   "the evaluation would overstate accuracy; check the stages' training splits")
     tok, dev = BPETokenizer.from_hf(ctx['tokenizer']['tokenizer']), resolve_device(cfg.device)
@@ -312,7 +312,7 @@ def stage_eval(cfg, ctx):
     changes = {f"{a}->{b}": paired_difference(scores[a], scores[b]) for a, b in zip(names, names[1:])}
     return dict(res, changes=changes, suite=dict(prompts=len(suite), distinct=len({e.prompt for e in suite}),
                                 families={f: sum(e.task == f for e in suite) for f in pipeline_tasks(cfg)},
-                                trained_prompts_checked=len(training_prompts(cfg.run_dir))))
+                                trained_prompts_checked=len(trained)))
 
 STAGES = {'tokenizer': stage_tokenizer, 'data': stage_data, 'pretrain': stage_pretrain, 'sft': stage_sft,
           'dpo': stage_dpo, 'grpo': stage_grpo, 'eval': stage_eval, 'sample': stage_sample}  # name -> stage, in pipeline order
