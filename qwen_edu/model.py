@@ -14,12 +14,13 @@ from .config import QwenConfig
 from .rope import rope_parameters, rope_cos_sin, apply_rope, dual_chunk_attention
 from .layers import RMSNorm, QwenMLP
 from .moe import QwenSparseMoeBlock, load_balancing_loss
+from .fastloss import CrossEntropy, next_token_targets  # appendix A8: the fused and chunked loss
+from .fastloss import loss_chunk_size, chunked_causal_lm_loss, chunked_token_nll
 
 # %% auto #0
 __all__ = ['KVCache', 'repeat_kv', 'eager_attention', 'sdpa_attention', 'QwenAttention', 'QwenDecoderLayer',
            'build_attention_mask', 'default_position_ids', 'CausalLMOutput', 'RopeInputs', 'QwenModel', 'bad_labels',
-           'check_labels', 'check_inputs', 'CrossEntropy', 'next_token_targets', 'causal_lm_loss', 'loss_chunk_size',
-           'ChunkedLinearCrossEntropy', 'chunked_causal_lm_loss', 'chunked_token_nll', 'QwenForCausalLM']
+           'check_labels', 'check_inputs', 'causal_lm_loss', 'QwenForCausalLM']
 
 # %% ../nbs/05_model.ipynb #345ef8f9
 class KVCache:
@@ -291,30 +292,7 @@ def check_inputs(config, input_ids, labels, attention_mask, position_ids, past: 
         if config.dual_chunk_attention_config is not None:
             raise ValueError("document_ids is not supported with Dual Chunk Attention; unpack the rows")
 
-# %% ../nbs/05_model.ipynb #acb081de
-class CrossEntropy(torch.autograd.Function):
-    "Mean cross-entropy of logits (N, V) against targets (N,), ignoring -100 (0 if all are); backward is softmax - one_hot."
-    @staticmethod
-    def forward(ctx, logits, target):
-        valid = target != -100
-        tgt = target.clamp(min=0)
-        lse = torch.logsumexp(logits.float(), dim=-1)  # (N,)
-        picked = logits.gather(1, tgt[:, None]).squeeze(1).float()
-        n = valid.sum().clamp(min=1)  # no counted token: the sum is 0, the loss 0 and the gradient 0 (not 0/0 = nan)
-        ctx.save_for_backward(logits, tgt, valid, n)
-        return torch.where(valid, lse - picked, 0.0).sum() / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, tgt, valid, n = ctx.saved_tensors
-        g = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        g.scatter_add_(1, tgt[:, None], torch.full_like(g[:, :1], -1.0))  # - one_hot
-        return g.mul_((valid * (grad / n))[:, None]).to(logits.dtype), None
-
-def next_token_targets(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
-    "The target of every position, (B*T,): labels shifted left by one and padded with -100 (`shift=False`: labels as they are)."
-    return (F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels).reshape(-1)
-
+# %% ../nbs/05_model.ipynb #0ab7decd
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, check: bool = True, shift: bool = True) -> torch.Tensor:
     """Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100 (labels are shifted, logits not copied); 0 when none is counted.
     `shift=False`: labels[:, t] is already the target of position t. A label outside [0, vocab) other than -100 is a
@@ -322,74 +300,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, check: bool = Tru
     if check: check_labels(labels, logits.shape[-1])
     return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), next_token_targets(labels, shift))
 
-# %% ../nbs/05_model.ipynb #c4a11e55
-def loss_chunk_size(vocab_size: int, device='cpu') -> int:
-    "Tokens per chunk so that one chunk's float32 logits take at most 128 MB on a CPU (220 tokens at 151,936), 1 GB on a GPU."
-    budget = 2**30 if torch.device(device).type == 'cuda' else 2**27
-    return max(1, budget // (4 * vocab_size))
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `h @ weight.T` (h (N, H), weight (V, H)) against `target` (N,) (-100: ignored), summed and
-    divided by `n`, `chunk` rows at a time; the gradients are computed per chunk in the forward, no (N, V) tensor is kept."""
-    @staticmethod
-    def forward(ctx, h, weight, target, n, chunk: int, grads: bool):
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        gh = torch.zeros_like(h) if grads else None  # dL/dh, (N, H)
-        gw = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # dL/dW, (V, H), accumulated in fp32
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s:s + chunk], target[s:s + chunk]
-            valid, tgt = tc != -100, tc.clamp(min=0)
-            logits = (hc @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, freed with the chunk
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + torch.where(valid, lse - logits.gather(1, tgt[:, None])[:, 0], 0.0).sum()
-            if grads:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g.scatter_add_(1, tgt[:, None], torch.full_like(g[:, :1], -1.0))  # - one_hot
-                g = g.mul_((valid / n)[:, None]).to(h.dtype)  # dL/dlogits of the chunk
-                gh[s:s + chunk] = g @ weight
-                gw += g.t() @ hc
-        ctx.weight_dtype = weight.dtype
-        if grads: ctx.save_for_backward(gh, gw)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        gh, gw = ctx.saved_tensors
-        return gh * grad.to(gh.dtype), (gw * grad).to(ctx.weight_dtype), None, None, None, None
-
-def chunked_causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shift: bool = True,
-                           chunk_size: int | None = None) -> torch.Tensor:
-    """`causal_lm_loss(h @ weight.T, labels, shift=shift)` without the (B, T, V) logits: hidden states h (B, T, H) and
-    the head's weight (V, H), `chunk_size` tokens at a time (default `loss_chunk_size(V, h.device)`); autocast-aware like `lm_head`."""
-    target = next_token_targets(labels, shift)
-    h = h.reshape(-1, h.shape[-1])
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):  # the product in the autocast dtype, as nn.Linear would run it
-        dt = torch.get_autocast_dtype(dev)
-        h, weight = h.to(dt), weight.to(dt)
-    n = (target != -100).sum().clamp(min=1)  # counted tokens (0 counted: loss 0, gradient 0), never read back
-    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return ChunkedLinearCrossEntropy.apply(h, weight, target, n, chunk_size or loss_chunk_size(weight.shape[0], h.device), grads)
-
-@torch.no_grad()
-def chunked_token_nll(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shift: bool = True,
-                      chunk_size: int | None = None) -> torch.Tensor:
-    """Each position's cross-entropy (B, T) in float32 (0 where the target is -100), `chunk_size` tokens at a time: the
-    per-token losses of evaluation (bits per byte, log-likelihoods) without the (B, T, V) logits. No gradient."""
-    B, T = labels.shape
-    target = next_token_targets(labels, shift)
-    h = h.reshape(-1, h.shape[-1])
-    if torch.is_autocast_enabled(h.device.type):
-        dt = torch.get_autocast_dtype(h.device.type)
-        h, weight = h.to(dt), weight.to(dt)
-    chunk = chunk_size or loss_chunk_size(weight.shape[0], h.device)
-    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    for s in range(0, h.shape[0], chunk):
-        tc = target[s:s + chunk]
-        logits = (h[s:s + chunk] @ weight.t()).float()  # (c, V), freed with the chunk
-        nll = torch.logsumexp(logits, -1) - logits.gather(1, tc.clamp(min=0)[:, None])[:, 0]
-        out[s:s + chunk] = torch.where(tc != -100, nll, 0.0)
-    return out.view(B, T)
 
 # %% ../nbs/05_model.ipynb #af5fa1e3
 class QwenForCausalLM(nn.Module):

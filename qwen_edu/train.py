@@ -178,7 +178,7 @@ def lm_loss(out, y, aux_coef=0.0, reduction='mean'):
 
 def next_token_loss(model, x, y):
     """Mean cross-entropy of `model`'s next-token predictions on inputs `x` against targets `y` (already shifted),
-    plus the MoE aux loss, computed in chunks of tokens: the (B, T, V) fp32 logits are never held (chapter 05)."""
+    plus the MoE aux loss, computed in chunks of tokens: the (B, T, V) fp32 logits are never held (appendix A8)."""
     return model(x, labels=y, return_logits=False, shift_labels=False).loss
 
 @torch.no_grad()
@@ -188,7 +188,7 @@ def evaluate(model, batches, device, token_bytes=None, autocast=nullcontext, ran
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats on text tokens, bytes
     for i in range(rank, len(batches), world):
         x, y = (t.to(device) for t in batches[i])
-        with autocast():  # per-token losses in chunks: no (B, T, V) float32 logits (chapter 05)
+        with autocast():  # per-token losses in chunks: no (B, T, V) float32 logits (appendix A8)
             nll = model(x, labels=y, return_logits=False, shift_labels=False, loss_reduction='none').loss.double().reshape(-1)
         sums[0] += nll.sum(); sums[1] += nll.numel()
         if token_bytes is not None:
@@ -356,7 +356,7 @@ def train(cfg: TrainConfig, model_config=None) -> TrainResult:
 
     torch.manual_seed(cfg.seed)
     if device.type == 'cpu': raw = QwenForCausalLM(mc)
-    else:  # built on the meta device, then allocated and drawn on the GPU: no CPU copy of a large model (chapter 05)
+    else:  # built on the meta device, then allocated and drawn on the GPU: no CPU copy of a large model (appendix A8)
         raw = QwenForCausalLM.from_config(mc, device='meta').to_empty(device=device).init_weights()
     if model_sd is not None: _load_weights(raw, model_sd)
     if cfg.activation_checkpointing: raw.set_activation_checkpointing(True)

@@ -82,7 +82,7 @@ def test_eager_calls_still_check_values():
 
 # --- layering: the package's imports form layers (nothing imports upward, no cycles) ---
 PKG = Path(__file__).resolve().parent.parent / 'qwen_edu'
-LAYERED = ['config', 'rope', 'layers', 'fastbpe', 'tokenizer', 'moe_dispatch', 'moe', 'model', 'hf']
+LAYERED = ['config', 'rope', 'layers', 'fastbpe', 'tokenizer', 'moe_dispatch', 'moe', 'fastloss', 'model', 'hf']
 
 
 def imports_of(name: str) -> tuple[set, set]:
@@ -121,6 +121,7 @@ def test_no_import_cycles():
         state[n] = 'done'
     for n in LAYERED: visit(n, [])
     assert graph['config'] == set() and graph['layers'] == set() and graph['fastbpe'] == set() and graph['moe_dispatch'] == set()
+    assert graph['fastloss'] == set(), graph['fastloss']  # appendix A8's loss: below model, imports nothing of ours
     assert graph['moe'] <= {'config', 'layers', 'moe_dispatch'}, graph['moe']
     assert 'hf' not in graph['model'] and 'model' not in graph['moe']
 

@@ -639,3 +639,13 @@ def test_without_value_checks_the_padding_mask_is_built_and_equal():
     from qwen_edu.model import build_attention_mask
     assert build_attention_mask(torch.ones(2, 16), 16, 0, 'cpu')[0] is None
     assert build_attention_mask(torch.ones(2, 16), 16, 0, 'cpu', read_values=False)[0].shape == (2, 1, 16, 16)
+
+
+def test_fastloss_sits_below_model():
+    "qwen_edu.fastloss (appendix A8) imports no qwen_edu module; qwen_edu.model uses and keeps its names."
+    from pathlib import Path
+    import qwen_edu.fastloss as fl, qwen_edu.model as model
+    src = (Path(__file__).resolve().parent.parent / 'qwen_edu' / 'fastloss.py').read_text()
+    assert 'qwen_edu' not in src.replace('nbs/A8_model_training', '') and 'from .' not in src
+    for name in ('CrossEntropy', 'next_token_targets', 'loss_chunk_size', 'chunked_causal_lm_loss', 'chunked_token_nll'):
+        assert getattr(model, name) is getattr(fl, name), name
