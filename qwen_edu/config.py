@@ -165,6 +165,9 @@ PRESETS: dict[str, dict] = {
                         num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072,
                         tie_word_embeddings=False),
     # educational sizes: same architecture, 8,192-token vocabulary, short context, RoPE base 1e4
+    'edu-mini': dict(vocab_size=8192, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1e4,
+                     tie_word_embeddings=True, bos_token_id=None, eos_token_id=None),
     'edu-tiny': dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1e4,
                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None),

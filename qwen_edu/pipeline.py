@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['PROFILES', 'POST_TRAINING_STEPS', 'EVAL_MODELS', 'STAGES', 'finite', 'ONE_PROCESS_STAGES', 'PipelineConfig',
-           'pipeline_tasks', 'arithmetic_drills', 'task_documents', 'pipeline_suite', 'stage_tokenizer', 'stage_data',
-           'pipeline_warmup', 'pretrain_config', 'stage_pretrain', 'stage_sample', 'post_training_steps',
+           'pipeline_tasks', 'pipeline_levels', 'arithmetic_drills', 'mixed_examples', 'task_documents',
+           'pipeline_suite', 'stage_tokenizer', 'stage_data', 'pipeline_warmup', 'pretrain_config', 'stage_pretrain',
+           'python_line', 'python_line_rate', 'code_continuations', 'stage_sample', 'post_training_steps',
            'monitor_examples', 'record_prompts', 'stage_sft', 'stage_dpo', 'stage_grpo', 'training_prompts',
            'stage_eval', 'validate_pipeline', 'strict_json_text', 'run_pipeline', 'write_report_md', 'format_report',
            'pipeline_cli']
@@ -23,22 +24,23 @@ from .perf import configure_cpu_threads
 @dataclass
 class PipelineConfig:
     "One end-to-end run: built-in corpus -> tokenizer -> shards -> pre-training -> (post-training) -> sample."
-    preset: str = 'edu-tiny'          # model preset to pre-train
+    preset: str = 'edu-mini'          # model preset to pre-train (1.8M parameters: the best use of ten CPU minutes)
     out: typing.Optional[str] = None  # run directory (default runs/<preset>)
     corpus_size: int = 4_000_000      # bytes of built-in text (code, prose, math)
     vocab_size: int = 8192            # BPE size including the 22 Qwen control tokens
     tasks: str = 'arith,word'         # task families: synthetic pre-training text, post-training and the held-out suite
+    levels: str = '1'                 # task tiers (tasks.make_examples): 1 sums within 10; '1,2' adds products and two-digit sums
     task_fraction: float = 0.4        # share of the pre-training bytes that is synthetic task text (training split); 0: none
     eval_prompts: int = 500           # distinct held-out prompts per task family in the final evaluation
     sft_lr: float = 3e-3              # SFT peak learning rate
     dpo_lr: float = 1e-5              # DPO learning rate (constant; 1e-4 collapsed task accuracy 0.31 -> 0.05 in a trial)
     post_training_steps: typing.Optional[dict] = None  # e.g. {"sft": 300}: steps per stage (default: scaled with max_steps)
-    max_steps: int = 400              # pre-training optimizer steps
+    max_steps: int = 1400             # pre-training optimizer steps
     batch_size: int = 16              # sequences per step
     seq_len: int = 128                # tokens per sequence
     lr: float = 3e-3                  # peak learning rate (warmup + cosine)
     warmup_steps: typing.Optional[int] = None  # linear warmup steps (None: min(20, max_steps // 6))
-    eval_every: int = 60
+    eval_every: int = 150             # pre-training validation (and checkpoint) interval
     eval_batches: int = 16
     seed: int = 0
     stages: typing.Optional[str] = None  # comma-separated stage names (default: all registered, in order)
@@ -62,7 +64,7 @@ class PipelineConfig:
         return cls(**{**PROFILES[name], **kw})
 
 # Named bundles of PipelineConfig fields (`--profile`); explicit arguments override them. 'cpu' is the defaults:
-# edu-tiny on a 2-core CPU in about 10 minutes. 'gpu' is sized for about 10 minutes on one H100/H200: edu-small (26M
+# edu-mini on a 2-core CPU in about 10 minutes. 'gpu' is sized for about 10 minutes on one H100/H200: edu-small (26M
 # parameters), the whole built-in code corpus (11 MB of stdlib) plus task text, 2,000 steps of 32 x 512 tokens.
 PROFILES = {'cpu': {},
             'gpu': dict(preset='edu-small', device='cuda', corpus_size=20_000_000, max_steps=2000, batch_size=32,
@@ -78,29 +80,44 @@ def pipeline_tasks(cfg: PipelineConfig) -> list:
     if not names or bad: raise ValueError(f"tasks must name task families from {sorted(TASKS)}, got {cfg.tasks!r}; fix --tasks")
     return names
 
-def arithmetic_drills(n_bytes, seed=0, lines=40):
-    "About `n_bytes` of drill sheets: `lines` single-digit facts per sheet ('7+6=13', '9-3=6'), the facts the tasks use."
+def pipeline_levels(cfg: PipelineConfig) -> tuple:
+    "The task tiers of the run (`cfg.levels`, comma-separated: 1, 2 or both)."
+    parts = [p.strip() for p in str(cfg.levels).split(',') if p.strip()]
+    if not parts or any(p not in ('1', '2') for p in parts) or len(set(parts)) < len(parts):
+        raise ValueError(f"levels must be '1', '2' or '1,2' (task tiers), got {cfg.levels!r}; fix --levels")
+    return tuple(int(p) for p in parts)
+
+def arithmetic_drills(n_bytes, seed=0, lines=40, products=False):
+    """About `n_bytes` of drill sheets: `lines` single-digit facts per sheet ('7+6=13', '9-3=6'; with `products` a
+    third are '6*3=18'), the facts the tasks use."""
     import random
     r, docs, n = random.Random(f"drills|{seed}"), [], 0
     while n < n_bytes:
         facts = []
         for _ in range(lines):
-            a, b = r.randint(0, 9), r.randint(0, 9)
-            if r.random() < 0.6: facts.append(f"{a}+{b}={a + b}")
+            a, b, u = r.randint(0, 9), r.randint(0, 9), r.random()
+            if products and u < 1 / 3: facts.append(f"{a}*{b}={a * b}")
+            elif u < 0.6: facts.append(f"{a}+{b}={a + b}")
             else: a, b = max(a, b), min(a, b); facts.append(f"{a}-{b}={a - b}")
         text = "\n".join(facts) + "\n"
         docs.append(dict(text=text, domain='tasks', prompts=[])); n += len(text.encode())
     return docs
 
-def task_documents(tasks, n_bytes, seed=0, per_doc=8, level=1, drill_fraction=0.3):
-    """About `n_bytes` of synthetic task text for pre-training: worksheets of `per_doc` problems, each its prompt and
-    worked solution in plain text (no chat markup), drawn from the training split only (deterministic by seed);
-    each document also lists its `prompts`. `drill_fraction` of the bytes are `arithmetic_drills`."""
+def mixed_examples(tasks, n, seed=0, levels=(1,)):
+    "`n` training-split examples of `tasks`, the tiers `levels` in equal shares, interleaved (deterministic by seed)."
     from qwen_edu.tasks import make_examples
-    docs = arithmetic_drills(int(n_bytes * drill_fraction), seed)
+    per = [make_examples(list(tasks), -(-n // len(levels)), seed=seed, level=lv, split='train') for lv in levels]
+    return [e for group in zip(*per) for e in group][:n]
+
+def task_documents(tasks, n_bytes, seed=0, per_doc=8, levels=(1,), drill_fraction=0.3):
+    """About `n_bytes` of synthetic task text for pre-training: worksheets of `per_doc` problems of the tiers `levels`,
+    each its prompt and worked solution in plain text (no chat markup), drawn from the training split only
+    (deterministic by seed); each document also lists its `prompts`. `drill_fraction` of the bytes are
+    `arithmetic_drills` (with products when tier 2 is in)."""
+    docs = arithmetic_drills(int(n_bytes * drill_fraction), seed, products=2 in levels)
     n, part = sum(len(d['text'].encode()) for d in docs), 0
     while n < n_bytes:
-        ex = make_examples(list(tasks), 1024, seed=seed * 7919 + part, level=level, split='train'); part += 1
+        ex = mixed_examples(tasks, 1024, seed=seed * 7919 + part, levels=levels); part += 1
         for i in range(0, len(ex), per_doc):
             text = "\n\n".join(f"{e.prompt}\n{e.solution}" for e in ex[i:i + per_doc]) + "\n"
             docs.append(dict(text=text, domain='tasks', prompts=[e.prompt for e in ex[i:i + per_doc]])); n += len(text.encode())
@@ -108,17 +125,17 @@ def task_documents(tasks, n_bytes, seed=0, per_doc=8, level=1, drill_fraction=0.
     return docs
 
 def pipeline_suite(cfg: PipelineConfig) -> list:
-    """The held-out evaluation suite of the run: up to `cfg.eval_prompts` distinct prompts per task family (level 1),
-    all in the held-out split by prompt hash, so never among the training prompts of any stage (they draw the
-    training split); a family with fewer distinct held-out prompts (level-1 `arith` has 25) gives all it has."""
+    """The held-out evaluation suite of the run: up to `cfg.eval_prompts` distinct prompts per task family, each of a
+    tier drawn from `cfg.levels`, all in the held-out split by prompt hash, so never among the training prompts of any
+    stage (they draw the training split); a tier with few distinct held-out prompts (level-1 `arith` has 25) gives
+    all it has and the other tier fills the family."""
     from qwen_edu.eval import heldout_suite
-    return heldout_suite(families=pipeline_tasks(cfg), n_per_family=cfg.eval_prompts, levels=(1,), seed=cfg.seed)
+    return heldout_suite(families=pipeline_tasks(cfg), n_per_family=cfg.eval_prompts, levels=pipeline_levels(cfg), seed=cfg.seed)
 
 def _post_examples(cfg: PipelineConfig, name: str, n: int) -> list:
     "The `n` training-split examples a post-training stage trains on (seeded per stage: SFT, DPO and GRPO differ)."
-    from qwen_edu.tasks import make_examples
     offset = {'sft': 0, 'dpo': 20, 'grpo': 30}[name]
-    return make_examples(pipeline_tasks(cfg), n, seed=cfg.seed + offset, level=1, split='train')
+    return mixed_examples(pipeline_tasks(cfg), n, seed=cfg.seed + offset, levels=pipeline_levels(cfg))
 
 # %% ../nbs/16_pipeline.ipynb #df02e2a8
 def stage_tokenizer(cfg: PipelineConfig, ctx):
@@ -135,7 +152,8 @@ def stage_data(cfg: PipelineConfig, ctx):
     tok = BPETokenizer.from_hf(ctx['tokenizer']['tokenizer'])
     sources = ['builtin:code,prose' if cfg.task_fraction > 0 else 'builtin']  # the task text is the run's math
     if cfg.task_fraction > 0:
-        docs = task_documents(pipeline_tasks(cfg), int(cfg.corpus_size * cfg.task_fraction / (1 - cfg.task_fraction)), cfg.seed)
+        docs = task_documents(pipeline_tasks(cfg), int(cfg.corpus_size * cfg.task_fraction / (1 - cfg.task_fraction)), cfg.seed,
+                              levels=pipeline_levels(cfg))
         src = cfg.run_dir / 'tasks_text' / 'tasks.jsonl'
         src.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(src, ''.join(json.dumps(dict(text=d['text'])) + '\n' for d in docs))
@@ -177,9 +195,46 @@ def stage_pretrain(cfg: PipelineConfig, ctx):
                 unigram_loss=r.unigram_loss, tokens_per_s=r.tokens_per_s, plot=str(r.plot),
                 checkpoint=str(r.checkpoint), params=r.model_config.num_params())
 
+# %% ../nbs/16_pipeline.ipynb #5c86f95a
+import ast, random
+_CONTEXTS = ("{0}", "def _f():\n {0}", "if 1:\n pass\n{0}", "try:\n pass\n{0}", "f(\n{0}\n)", "x = {{\n{0}\n}}", "x = [\n{0}\n]")
+
+def python_line(line: str) -> bool:
+    """Whether one line, alone, is Python to Python's parser (`ast`): a statement, a block opener (`if x:`), a line
+    of a block (`return x`, `else:`), a line inside brackets (`'a': 1,`, `b=2)`) or one that opens them (`f(a,`)."""
+    s = line.strip()
+    if not s: return True
+    for body in ((s + "\n  pass",) if s.endswith(':') else (s,)):
+        for ctx in _CONTEXTS:
+            try: ast.parse(ctx.format(body)); return True
+            except (SyntaxError, ValueError): pass
+    for close in (')', ']', '}', '))', '"""', "'''"):  # an opener whose closer comes on a later line
+        try: ast.parse(s + close); return True
+        except (SyntaxError, ValueError): pass
+    return False
+
+def python_line_rate(text: str) -> float:
+    "Share of the non-empty lines of `text` that `python_line` accepts (1.0 for no line)."
+    lines = [l for l in text.splitlines() if l.strip()]
+    return sum(map(python_line, lines)) / len(lines) if lines else 1.0
+
+def code_continuations(run_dir, tokenizer, n: int = 32, new_tokens: int = 60, seed: int = 0) -> list:
+    """Up to `n` held-out (prompt, reference) pairs: the first line after a blank line in one of the run's validation
+    code documents (RUN/data/val.jsonl, never trained on) and the real `new_tokens` tokens that follow it."""
+    import re
+    pairs = []
+    for row in map(json.loads, (Path(run_dir) / 'data' / 'val.jsonl').read_text().splitlines()):
+        if row.get('domain') != 'code': continue
+        for piece in re.split(r'\n\n+', row['text']):  # at every blank line: a def, a class, a block, a statement
+            first, _, rest = piece.partition('\n')
+            if first.strip() and len(rest.strip()) > 40: pairs.append((first + '\n', rest))
+    pairs = random.Random(seed).sample(pairs, min(n, len(pairs)))
+    return [(p, tokenizer.decode(tokenizer.encode(r, disallowed_special=())[:new_tokens])) for p, r in pairs]
+
 # %% ../nbs/16_pipeline.ipynb #b52ff256
 def stage_sample(cfg: PipelineConfig, ctx):
-    "A continuation from the pre-trained model and, after post-training, the final model's answer to a held-out task."
+    """A continuation of `sample_prompt` from the pre-trained model, how much of its continuations of held-out code
+    parse as Python (against the real code), and, after post-training, the final model's answer to a held-out task."""
     from qwen_edu.generate import generate
     from qwen_edu.tokenizer import BPETokenizer
     from qwen_edu.distributed import resolve_device
@@ -190,6 +245,15 @@ def stage_sample(cfg: PipelineConfig, ctx):
     new = generate(model, [ids], max_new_tokens=cfg.sample_tokens, temperature=0.7, top_k=40, seed=cfg.seed,
                    stop_tokens={tok.eos_id})[0]
     res = dict(prompt=cfg.sample_prompt, text=tok.decode([t for t in new if t != tok.eos_id]))
+    pairs = code_continuations(cfg.run_dir, tok, n=100, new_tokens=cfg.sample_tokens, seed=cfg.seed)
+    if pairs:  # does it write Python? its continuations of held-out code against the real ones, line by line
+        from qwen_edu.eval import paired_difference
+        outs = generate(model, [tok.encode(p, disallowed_special=()) for p, _ in pairs], max_new_tokens=cfg.sample_tokens,
+                        temperature=0.7, top_k=40, seed=cfg.seed, stop_tokens={tok.eos_id})
+        texts = [tok.decode([t for t in o if t != tok.eos_id]) for o in outs]
+        ours, real = [python_line_rate(t) for t in texts], [python_line_rate(r) for _, r in pairs]
+        res['code'] = dict(prompts=len(pairs), python_lines=sum(ours) / len(ours), reference_python_lines=sum(real) / len(real),
+                           gap=paired_difference(real, ours), example=dict(prompt=pairs[0][0], model=texts[0], reference=pairs[0][1]))
     final = next((ctx[k]['out'] for k in reversed(list(ctx)) if isinstance(ctx[k], dict) and ctx[k].get('model_run')), None)
     if final is not None:
         from qwen_edu.sft import generate_responses
@@ -294,7 +358,7 @@ def stage_eval(cfg, ctx):
     """Every model of the run (pre-trained, then each post-training stage) on the whole held-out suite: greedy
     answers to chat prompts scored by the task checkers, accuracy with a 95% Wilson interval, per family and overall.
     It refuses to score a suite that shares a prompt with any stage's training prompts."""
-    from qwen_edu.eval import evaluate_suite, paired_difference
+    from qwen_edu.eval import evaluate_suite, paired_difference, accuracy_record
     from qwen_edu.tokenizer import BPETokenizer
     from qwen_edu.distributed import resolve_device
     suite, trained = pipeline_suite(cfg), training_prompts(cfg.run_dir)
@@ -306,12 +370,15 @@ def stage_eval(cfg, ctx):
     for label, stage in EVAL_MODELS.items():
         if stage not in ctx: continue
         r = evaluate_suite(load_trained_model(ctx[stage]['out']).to(dev), tok, suite, max_new_tokens=24, scores=True)
-        res[label], scores[label] = {**r['all'], 'families': r['families']}, r['scores']
+        levels = {str(lv): accuracy_record([s for s, e in zip(r['scores'], suite) if e.level == lv])
+                  for lv in sorted({e.level for e in suite})}
+        res[label], scores[label] = {**r['all'], 'families': r['families'], 'levels': levels}, r['scores']
     _write_json(cfg.run_dir / 'eval' / 'scores.json', dict(prompts=[e.prompt for e in suite], **scores))
     names = list(scores)  # each stage against the one before it (paired: the same prompts)
     changes = {f"{a}->{b}": paired_difference(scores[a], scores[b]) for a, b in zip(names, names[1:])}
     return dict(res, changes=changes, suite=dict(prompts=len(suite), distinct=len({e.prompt for e in suite}),
                                 families={f: sum(e.task == f for e in suite) for f in pipeline_tasks(cfg)},
+                                levels={str(lv): sum(e.level == lv for e in suite) for lv in pipeline_levels(cfg)},
                                 trained_prompts_checked=len(trained)))
 
 STAGES = {'tokenizer': stage_tokenizer, 'data': stage_data, 'pretrain': stage_pretrain, 'sft': stage_sft,
@@ -367,6 +434,7 @@ def validate_pipeline(cfg: PipelineConfig) -> dict:
     if not isinstance(cfg.sample_prompt, str) or not cfg.sample_prompt:
         raise ValueError(f"sample_prompt must be a non-empty string, got {cfg.sample_prompt!r}")
     pipeline_tasks(cfg)  # known task families
+    pipeline_levels(cfg)  # known tiers
     tf = cfg.task_fraction
     if not isinstance(tf, (int, float)) or isinstance(tf, bool) or not 0 <= tf < 1:
         raise ValueError(f"task_fraction must be a number in [0, 1) (the share of pre-training bytes that is task text), "
@@ -530,6 +598,12 @@ def write_report_md(ctx, run_dir) -> Path:
     if 'sample' in ctx:
         sm = ctx['sample']
         L += ["## Samples", "", f"Pre-trained model, prompt `{sm['prompt']!r}` (temperature 0.7, top-k 40):", "", "```", sm['prompt'] + sm['text'], "```", ""]
+        if 'code' in sm:
+            c, g = sm['code'], sm['code']['gap']
+            L += [f"Continuing {c['prompts']} held-out code prompts (the first line after a blank line in a validation file), "
+                  f"{c['python_lines']:.2f} of the model's lines parse as Python, {c['reference_python_lines']:.2f} of the real "
+                  f"continuations' (difference {g['delta']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]). The first:", "",
+                  "```", c['example']['prompt'] + c['example']['model'], "```", ""]
         if 'task_prompt' in sm:
             L += [f"Final model ({Path(sm['task_model']).name}), a held-out prompt: `{sm['task_prompt']}` -> `{sm['task_answer']!r}` "
                   f"({'correct' if sm['task_correct'] else 'wrong'})", ""]
@@ -568,6 +642,10 @@ def format_report(ctx, run_dir):
     if 'sample' in ctx:
         sm = ctx['sample']
         L.append(f"  sample     (pre-trained) {sm['prompt']!r} -> {sm['text']!r}")
+        if 'code' in sm:
+            c, g = sm['code'], sm['code']['gap']
+            L.append(f"             held-out code continued ({c['prompts']} prompts): {c['python_lines']:.2f} of lines parse as Python, "
+                     f"real code {c['reference_python_lines']:.2f} ({g['delta']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}])")
         if 'task_prompt' in sm: L.append(f"             (post-trained) {sm['task_prompt']!r} -> {sm['task_answer']!r} "
                                          f"({'correct' if sm['task_correct'] else 'wrong'})")
     return '\n'.join(L)

@@ -37,6 +37,28 @@ def test_pipeline_runs_every_stage_then_resumes_by_skipping(tmp_path, capsys):
     for f in [run / 'report.json', *run.glob('*/done.json')]: strict_json(f)
 
 
+def test_sample_measures_python_on_heldout_code(tmp_path, capsys):
+    "The sample stage continues held-out code (validation documents, not in the pre-training tokens) and line-parses it."
+    import numpy as np
+    from qwen_edu.data import open_tokens
+    from qwen_edu.tokenizer import BPETokenizer
+    from qwen_edu.pipeline import code_continuations
+    run = tmp_path / 'run'
+    args = [a for a in SMALL]
+    args[args.index('--corpus-size') + 1] = '1500000'  # enough documents that the 2% validation split holds code
+    assert pipeline_cli(['--out', str(run), *args, '--task-fraction', '0.1']) == 0
+    out = capsys.readouterr().out
+    code = strict_json(run / 'report.json')['sample']['code']
+    assert code['prompts'] == code['gap']['n'] > 0 and 0 <= code['python_lines'] <= 1 and 0 < code['reference_python_lines'] <= 1
+    assert code['gap']['delta'] == pytest.approx(code['python_lines'] - code['reference_python_lines'])
+    assert 'parse as Python' in out and 'parse as Python' in (run / 'report.md').read_text()
+    tok = BPETokenizer.from_hf(run / 'tokenizer')
+    train = tok.decode(np.asarray(open_tokens(run / 'data', 'train')).tolist())
+    val = (run / 'data' / 'val.jsonl').read_text()
+    pairs = code_continuations(run, tok, n=50, new_tokens=60)
+    assert len(pairs) >= 10 and all(json.dumps(p + r)[1:-1] in val and p + r not in train for p, r in pairs)
+
+
 def test_unknown_stage_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['pretrian'\]"):
         run_pipeline(PipelineConfig(out=str(tmp_path / 'r'), stages='tokenizer,pretrian'))
@@ -231,19 +253,25 @@ def test_pipeline_under_torchrun_runs_every_stage_once(tmp_path):
 
 def test_default_suite_is_500_distinct_heldout_prompts_disjoint_from_every_training_prompt(tmp_path):
     "The default run's suite: >= 500 distinct held-out prompts, none in the task text or any post-training stage's data."
-    from qwen_edu.pipeline import pipeline_suite, task_documents, pipeline_tasks, _post_examples, post_training_steps
+    from qwen_edu.pipeline import pipeline_suite, task_documents, pipeline_tasks, _post_examples, post_training_steps, pipeline_levels
     from qwen_edu.tasks import is_heldout
     cfg = PipelineConfig(out=str(tmp_path / 'run'))
     suite = pipeline_suite(cfg)
     prompts = [e.prompt for e in suite]
     assert len(set(prompts)) == len(prompts) >= 500 and all(is_heldout(p) for p in prompts)
     n_text = int(cfg.corpus_size * cfg.task_fraction / (1 - cfg.task_fraction))
-    trained = {p for d in task_documents(pipeline_tasks(cfg), n_text, cfg.seed) for p in d['prompts']}
+    trained = {p for d in task_documents(pipeline_tasks(cfg), n_text, cfg.seed, levels=pipeline_levels(cfg)) for p in d['prompts']}
     for name, n in (('sft', 16 * post_training_steps(cfg, 'sft')), ('dpo', 4 * post_training_steps(cfg, 'dpo')), ('grpo', 400)):
         trained |= {e.prompt for e in _post_examples(cfg, name, n)}
     assert len(trained) > 1000 and not trained & set(prompts)
     # the word-problem text covers most training prompts of its family: the split, not luck, keeps the suite out
     assert sum(not is_heldout(p) for p in trained) == len(trained)
+    # the default is tier 1; levels='1,2' puts both tiers in the suite and in every stage's training examples
+    assert {e.level for e in suite} == {1}
+    both = PipelineConfig(out=str(tmp_path / 'run'), levels='1,2')
+    assert {e.level for e in pipeline_suite(both)} == {1, 2} and {e.level for e in _post_examples(both, 'sft', 64)} == {1, 2}
+    drills = lambda lv: ''.join(d['text'] for d in task_documents(['word'], 20_000, levels=lv) if not d['prompts'])
+    assert '*' in drills((1, 2)) and '*' not in drills((1,))  # tier 2 multiplies: its drills hold the products
 
 
 FULL = [a for a in SMALL]
@@ -268,6 +296,7 @@ def test_full_run_reports_every_model_on_the_suite_and_never_trains_on_it(tmp_pa
         r = ev[m]
         assert set(r) >= {'accuracy', 'ci95', 'n'} and r['n'] == suite['prompts']
         assert r['ci95'][0] <= r['accuracy'] <= r['ci95'][1] and r['ci95'][1] - r['ci95'][0] > 0
+        assert {lv: x['n'] for lv, x in r['levels'].items()} == suite['levels']  # per tier, the same items
     assert 'held-out accuracy' in out and 'grpo' in out and 'paired change' in out
     assert list(ev['changes']) == ['base->sft', 'sft->dpo', 'dpo->grpo']
     scores = json.loads((run / 'eval' / 'scores.json').read_text())
@@ -292,7 +321,8 @@ def test_full_run_reports_every_model_on_the_suite_and_never_trains_on_it(tmp_pa
 
 @pytest.mark.parametrize('kw,msg', [(dict(tasks='arith,nope'), 'tasks must name'), (dict(task_fraction=1.0), 'task_fraction'),
                                     (dict(eval_prompts=0), 'eval_prompts'), (dict(sft_lr=-1.0), 'sft_lr'),
-                                    (dict(post_training_steps={'ppo': 3}), 'post_training_steps')])
+                                    (dict(post_training_steps={'ppo': 3}), 'post_training_steps'),
+                                    (dict(levels='3'), 'levels must be'), (dict(levels='1,1'), 'levels must be')])
 def test_bad_task_arguments_are_refused(tmp_path, kw, msg):
     from qwen_edu.pipeline import validate_pipeline
     with pytest.raises(ValueError, match=msg): validate_pipeline(PipelineConfig(out=str(tmp_path / 'r'), **kw))
