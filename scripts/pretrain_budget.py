@@ -4,7 +4,7 @@ Runs the pipeline's tokenizer, data, pretrain and sample stages for a few (model
 task text as `qwen-edu pipeline --preset edu-tiny`, and writes each point's pre-training figures and its held-out code
 measurement (the sample stage's `code` block) to data/pipeline/pretrain_budget.json.
 
-    python scripts/pretrain_budget.py                      # every point, runs in runs/budget/<name> (about 35 CPU minutes)
+    python scripts/pretrain_budget.py                      # every point, runs in runs/budget/<name> (about 35 minutes on 2 cores)
     python scripts/pretrain_budget.py --only tiny-400       # one point
 Finished stages are skipped (the pipeline's done.json), so an interrupted call resumes.
 """
@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen_edu.pipeline import PipelineConfig, run_pipeline
 
 MINI = dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2)  # 1.8M parameters
-POINTS = {  # name -> (pre-training steps, model shape over edu-tiny)
-    'tiny-400': (400, None),      # the pipeline's pre-training (edu-tiny, 4.9M parameters)
-    'tiny-1600': (1600, None),    # 4x the steps
-    'mini-850': (850, MINI),      # a quarter of the width: about the same CPU time as tiny-400
-    'mini-1500': (1500, MINI),
+POINTS = {  # name -> (pre-training steps, model shape over edu-tiny); level-1 task text, as the pipeline's default
+    'tiny-400': (400, None),      # the first recipe's pre-training (edu-tiny, 4.9M parameters)
+    'mini-850': (850, MINI),      # edu-mini's shape (1.8M): about the same CPU time as tiny-400
+    'mini-1500': (1500, MINI),    # a little more than the pipeline's 1,400 steps
+    'tiny-1600': (1600, None),    # 4x the first recipe's steps
 }
 
 
@@ -33,7 +33,7 @@ def main(argv=None):
     for name in a.only.split(','):
         steps, shape = POINTS[name]
         cfg = PipelineConfig(out=str(Path(a.runs) / name), stages='tokenizer,data,pretrain,sample', max_steps=steps,
-                             train_overrides=shape, progress=False)
+                             train_overrides=shape, levels='1', progress=False)
         t0 = time.perf_counter()
         ctx = run_pipeline(cfg)
         pre, code = ctx['pretrain'], ctx['sample']['code']
