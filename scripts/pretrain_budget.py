@@ -1,7 +1,7 @@
 """How much pre-training does the pipeline's model need before it writes Python? (chapter 16, "Does it write Python?")
 
 Runs the pipeline's tokenizer, data, pretrain and sample stages for a few (model, steps) points on the same corpus and
-task text as `qwen-edu pipeline --preset edu-tiny`, and writes each point's pre-training figures and its held-out code
+task text as `qwen-edu pipeline` (the main job), and writes each point's pre-training figures and its held-out code
 measurement (the sample stage's `code` block) to data/pipeline/pretrain_budget.json.
 
     python scripts/pretrain_budget.py                      # every point, runs in runs/budget/<name> (about 35 minutes on 2 cores)
