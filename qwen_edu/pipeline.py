@@ -601,13 +601,15 @@ def write_report_md(ctx, run_dir) -> Path:
     if _plot_post_training(run, run / 'post_training.png'): L += ["![post-training curves](post_training.png)", ""]
     if 'sample' in ctx:
         sm = ctx['sample']
-        L += ["## Samples", "", f"Pre-trained model, prompt `{sm['prompt']!r}` (temperature 0.7, top-k 40):", "", "```", sm['prompt'] + sm['text'], "```", ""]
+        L += ["## Samples", ""]
         if 'code' in sm:
             c, g = sm['code'], sm['code']['gap']
-            L += [f"Continuing {c['prompts']} held-out code prompts (the first line after a blank line in a validation file), "
-                  f"{c['python_lines']:.2f} of the model's lines parse as Python, {c['reference_python_lines']:.2f} of the real "
-                  f"continuations' (difference {g['delta']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]). The first:", "",
+            L += [f"Pre-trained model continuing {c['prompts']} held-out code prompts (the first line after a blank line in a "
+                  f"validation file; temperature 0.7, top-k 40): {c['python_lines']:.2f} of its lines parse as Python, "
+                  f"{c['reference_python_lines']:.2f} of the real continuations' (difference {g['delta']:+.2f} "
+                  f"[{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]). The first:", "",
                   "```", c['example']['prompt'] + c['example']['model'], "```", ""]
+        L += [f"Pre-trained model, prompt `{sm['prompt']!r}` alone (temperature 0.7, top-k 40):", "", "```", sm['prompt'] + sm['text'], "```", ""]
         if 'task_prompt' in sm:
             L += [f"Final model ({Path(sm['task_model']).name}), a held-out prompt: `{sm['task_prompt']}` -> `{sm['task_answer']!r}` "
                   f"({'correct' if sm['task_correct'] else 'wrong'})", ""]
