@@ -212,7 +212,7 @@ def test_check_fits_refuses_with_the_numbers_and_what_fits():
     assert isinstance(e.value, MemoryError)
     assert msg.startswith('pre-training qwen2.5-72b at batch 8 x 1024 needs about ') and ' TB (weights 291 GB, ' in msg
     # the alternatives are judged at the same vocabulary (152,064 here: edu-tiny's logits alone are 20 GB)
-    assert 'this machine has 100 GB available: choose a smaller --preset (edu-tiny, ' in msg
+    assert 'this machine has 100 GB available: choose a smaller --preset (edu-mini, edu-tiny, ' in msg
     assert 'edu-base' in msg and 'qwen2.5-0.5b' in msg and 'qwen2.5-1.5b' not in msg
     est = check_fits(QwenConfig.from_preset('edu-tiny'), 16, 128, available=20e9)
     assert est['total'] < 20e9

@@ -121,7 +121,7 @@ def test_72b_is_refused_before_any_file_is_written(tmp_path, capsys, monkeypatch
     assert pipeline_cli(['--preset', 'qwen2.5-72b', '--batch-size', '8', '--seq-len', '1024', '--out', str(run)]) == 2
     err = capsys.readouterr().err
     assert 'pre-training qwen2.5-72b at batch 8 x 1024 needs about 2.02 TB (weights 281 GB, ' in err
-    assert 'this machine has 20 GB available: choose a smaller --preset (edu-tiny, ' in err and 'edu-small' in err
+    assert 'this machine has 20 GB available: choose a smaller --preset (edu-mini, edu-tiny, ' in err and 'edu-small' in err
     assert '--no-memory-check' in err and not run.exists()
 
 
@@ -154,7 +154,7 @@ def test_edu_tiny_passes_and_the_memory_check_can_be_skipped(tmp_path, monkeypat
     (dict(stages='tokenizer,,pretrian'), r"unknown stage\(s\) \['pretrian'\]"),
     (dict(train_overrides={'grad_acum': 2}), r"unknown --train-overrides field\(s\) \['grad_acum'\]"),
     (dict(train_overrides={'max_steps': 5}), r"--train-overrides sets 'max_steps'.*use --max-steps"),
-    (dict(train_overrides={'hidden_size': 100}), 'divisible by num_attention_heads'),
+    (dict(train_overrides={'hidden_size': 102}), 'divisible by num_attention_heads'),
     (dict(train_overrides={'schedule': 'linear'}), 'schedule must be'),
     (dict(train_overrides=[1, 2]), '--train-overrides must be a JSON object'),
     pytest.param(dict(device='cuda'), "--device 'cuda' but no GPU is visible",
