@@ -130,13 +130,15 @@ def pair_logps(model, tokenizer, pairs, batch_size=64):
     return torch.cat(c), torch.cat(r)
 
 def dpo_metrics(policy, tokenizer, pairs, ref_chosen, ref_rejected, beta=0.1):
-    """Held-out DPO loss, mean implicit reward margin and preference accuracy. A tie (equal implicit rewards, as for
-    every pair while the policy equals its reference) counts half: a policy that cannot tell the two apart scores
-    0.5, the honest baseline, not 0."""
+    """Held-out DPO loss, mean implicit reward margin and preference accuracy with its 95% bootstrap interval over
+    pairs. A tie (equal implicit rewards, as for every pair while the policy equals its reference) counts half: a
+    policy that cannot tell the two apart scores 0.5, the honest baseline, not 0."""
     pc, pr = pair_logps(policy, tokenizer, pairs)
     loss, cr, rr = dpo_loss(pc, pr, ref_chosen.to(pc.device), ref_rejected.to(pc.device), beta)
-    acc = ((cr > rr).float() + 0.5 * (cr == rr).float()).mean().item()
-    return {'loss': loss.item(), 'margin': (cr - rr).mean().item(), 'accuracy': acc}
+    per_pair = ((cr > rr).float() + 0.5 * (cr == rr).float()).cpu()
+    boot = per_pair[torch.randint(0, len(per_pair), (2000, len(per_pair)), generator=torch.Generator().manual_seed(0))].mean(1)
+    ci = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+    return {'loss': loss.item(), 'margin': (cr - rr).mean().item(), 'accuracy': per_pair.mean().item(), 'accuracy_ci95': ci}
 
 def make_dpo_optimizer(policy, kind='adamw', lr=1e-4, base_model=None, reserve_p=0.1, alpha=1e-4, weight_decay=0.0, seed=0):
     "AdamW (no decay on norms and biases), or an Online Merging AdamW ('ondare' / 'onties') whose task vector is policy - base_model."
@@ -218,7 +220,8 @@ def run_dpo(model, tokenizer, out_dir=None, steps=120, base_model=None, optimize
     metrics = {'stage': 'dpo', 'optimizer': optimizer, 'steps': steps, 'train_pairs': len(train_pairs),
                'heldout_pairs': len(test_pairs), 'heldout_margin_before': hist[0]['margin'],
                'heldout_margin_after': hist[-1]['margin'], 'heldout_pref_accuracy_before': hist[0]['accuracy'],
-               'heldout_pref_accuracy_after': hist[-1]['accuracy'], 'heldout_task_accuracy_before': acc_before,
+               'heldout_pref_accuracy_after': hist[-1]['accuracy'], 'heldout_pref_accuracy_ci95': hist[-1]['accuracy_ci95'],
+               'heldout_task_accuracy_before': acc_before,
                'heldout_task_accuracy_after': task_accuracy(model, tokenizer, heldout), 'history': hist,
                'seconds': time.time() - t0}
     save_stage(model, metrics, out_dir, 'dpo')

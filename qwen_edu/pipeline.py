@@ -337,7 +337,7 @@ def stage_dpo(cfg, ctx):
     record_prompts(cfg, 'dpo', [e.prompt for e in train_ex])
     m = run_dpo(model, tok, steps=steps, lr=cfg.dpo_lr, base_model=base, optimizer='onties', train_examples=train_ex,
                 eval_examples=monitor_examples(cfg, pipeline_suite(cfg)), seed=cfg.seed, **_device_args(cfg))
-    return _save_stage_model(model, m, cfg, 'dpo', history=m['history'])
+    return {**_save_stage_model(model, m, cfg, 'dpo', history=m['history']), 'heldout_pref_accuracy_ci95': m['heldout_pref_accuracy_ci95']}
 
 def stage_grpo(cfg, ctx):
     "Pipeline stage: GRPO (G=8, checker rewards) of the latest post-trained model."
@@ -597,8 +597,10 @@ def write_report_md(ctx, run_dir) -> Path:
         _plot_accuracy(ev, run / 'accuracy.png'); L += ["", "![held-out accuracy](accuracy.png)", ""]
     if 'dpo' in ctx and 'heldout_pref_accuracy_after' in ctx['dpo']:
         d = ctx['dpo']
+        ci = d.get('heldout_pref_accuracy_ci95')
         L += [f"DPO: held-out preference accuracy {d['heldout_pref_accuracy_before']:.2f} -> {d['heldout_pref_accuracy_after']:.2f} "
-              f"on {d['heldout_pairs']} pairs (0.5 = cannot tell chosen from rejected).", ""]
+              + (f"[{ci[0]:.2f}, {ci[1]:.2f}] " if ci else "")
+              + f"on {d['heldout_pairs']} pairs (0.5 = cannot tell chosen from rejected; 95% bootstrap over pairs).", ""]
     if _plot_post_training(run, run / 'post_training.png'): L += ["![post-training curves](post_training.png)", ""]
     if 'sample' in ctx:
         sm = ctx['sample']
@@ -636,7 +638,8 @@ def format_report(ctx, run_dir):
         L.append(f"             loss curve: {p['plot']}")
     for k, v in ctx.items():
         if k not in ('tokenizer', 'data', 'pretrain', 'eval', 'sample') and isinstance(v, dict):
-            shown = {a: b for a, b in v.items() if isinstance(b, (int, float, str)) and not isinstance(b, bool)
+            shown = {a: (f"[{b[0]:.2f}, {b[1]:.2f}]" if a.endswith('_ci95') and isinstance(b, list) else b) for a, b in v.items()
+                     if (isinstance(b, (int, float, str)) and not isinstance(b, bool) or a.endswith('_ci95'))
                      and a not in ('skipped', 'stage', 'seconds', 'out')}
             L.append(f"  {k:10s} " + ', '.join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in shown.items()))
     if 'eval' in ctx:
