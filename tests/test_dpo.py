@@ -202,6 +202,9 @@ def test_dpo_train_raises_margin_and_keeps_reference(tiny):
     hist = dpo_train(pol, tok, pairs, ref_model=ref, steps=8, batch_size=8, lr=3e-3, eval_pairs=pairs, eval_every=4)
     assert hist[0]['margin'] == pytest.approx(0.0, abs=1e-6) and hist[-1]['margin'] > 0.01
     assert hist[-1]['accuracy'] > 0.5
+    assert hist[0]['accuracy'] == 0.5 and hist[0]['accuracy_ci95'] == [0.5, 0.5]  # all ties at the start: no spread
+    lo, hi = hist[-1]['accuracy_ci95']  # a bootstrap over the 12 pairs brackets the accuracy
+    assert 0 <= lo <= hist[-1]['accuracy'] <= hi <= 1 and hi - lo > 0
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ref_sd.items())
     with pytest.raises(ValueError, match='needs base_model'): make_dpo_optimizer(pol, 'ondare')
     opt = make_dpo_optimizer(pol, 'onties', base_model=ref)
