@@ -314,7 +314,8 @@ def _save_stage_model(model, metrics, cfg, name, history=None):
         save_checkpoint(out / 'ckpt', metrics.get('steps', 0), unique_state_dict(model),
                         {'model_config': dataclasses.asdict(model.config), 'stage': name})
     if history is not None: _write_json(out / 'history.json', history)
-    return {**{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, 'model_run': True, 'out': str(out)}
+    kept = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or k.endswith('_ci95')}  # figures and intervals
+    return {**kept, 'model_run': True, 'out': str(out)}
 
 def stage_sft(cfg, ctx):
     "Pipeline stage: SFT of the pre-trained model on training-split task examples in the chat format (run_sft)."
@@ -337,7 +338,7 @@ def stage_dpo(cfg, ctx):
     record_prompts(cfg, 'dpo', [e.prompt for e in train_ex])
     m = run_dpo(model, tok, steps=steps, lr=cfg.dpo_lr, base_model=base, optimizer='onties', train_examples=train_ex,
                 eval_examples=monitor_examples(cfg, pipeline_suite(cfg)), seed=cfg.seed, **_device_args(cfg))
-    return {**_save_stage_model(model, m, cfg, 'dpo', history=m['history']), 'heldout_pref_accuracy_ci95': m['heldout_pref_accuracy_ci95']}
+    return _save_stage_model(model, m, cfg, 'dpo', history=m['history'])
 
 def stage_grpo(cfg, ctx):
     "Pipeline stage: GRPO (G=8, checker rewards) of the latest post-trained model."

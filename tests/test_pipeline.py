@@ -299,6 +299,8 @@ def test_full_run_reports_every_model_on_the_suite_and_never_trains_on_it(tmp_pa
         assert {lv: x['n'] for lv, x in r['levels'].items()} == suite['levels']  # per tier, the same items
     assert 'held-out accuracy' in out and 'grpo' in out and 'paired change' in out
     assert list(ev['changes']) == ['base->sft', 'sft->dpo', 'dpo->grpo']
+    lo, hi = rep['dpo']['heldout_pref_accuracy_ci95']  # the stage keeps its interval
+    assert lo <= rep['dpo']['heldout_pref_accuracy_after'] <= hi
     scores = json.loads((run / 'eval' / 'scores.json').read_text())
     for m in ('base', 'sft', 'dpo', 'grpo'): assert sum(scores[m]) / len(scores[m]) == pytest.approx(ev[m]['accuracy'])
     assert ev['changes']['sft->dpo']['delta'] == pytest.approx(ev['dpo']['accuracy'] - ev['sft']['accuracy'])
