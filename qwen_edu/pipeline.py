@@ -31,9 +31,10 @@ class PipelineConfig:
     tasks: str = 'arith,word'         # task families: synthetic pre-training text, post-training and the held-out suite
     levels: str = '1'                 # task tiers (tasks.make_examples): 1 sums within 10; '1,2' adds products and two-digit sums
     task_fraction: float = 0.4        # share of the pre-training bytes that is synthetic task text (training split); 0: none
-    eval_prompts: int = 500           # distinct held-out prompts per task family in the final evaluation
+    eval_prompts: int = 1000          # distinct held-out prompts per task family in the final evaluation
     sft_lr: float = 3e-3              # SFT peak learning rate
-    dpo_lr: float = 1e-5              # DPO learning rate (constant; 1e-4 collapsed task accuracy 0.31 -> 0.05 in a trial)
+    dpo_lr: float = 2e-5              # DPO learning rate (constant; 1e-4 collapsed task accuracy 0.31 -> 0.05 in a trial)
+    dpo_pairs: str = 'own'            # DPO's training pairs: 'own' (the SFT model's own mistakes) or 'sampled' (a pair per prompt)
     grpo_lr: float = 3e-5             # GRPO learning rate
     post_training_steps: typing.Optional[dict] = None  # e.g. {"sft": 300}: steps per stage (default: scaled with max_steps)
     max_steps: int = 1400             # pre-training optimizer steps
@@ -67,7 +68,7 @@ class PipelineConfig:
 # Named bundles of PipelineConfig fields (`--profile`); explicit arguments override them. 'cpu' is the defaults:
 # edu-mini on a 2-core CPU in about 10 minutes. 'gpu' is sized for about 10 minutes on one H100/H200: edu-small (26M
 # parameters), the whole built-in code corpus (11 MB of stdlib) plus task text, 2,000 steps of 32 x 512 tokens, and
-# both task tiers (on the CPU tier 1 alone already reaches 0.95 after SFT: a larger model needs harder problems to
+# both task tiers (on the CPU tier 1 alone reaches 0.95 after 160 SFT steps: a larger model needs harder problems to
 # show what DPO and GRPO add). Not run yet: no GPU was at hand when it was written.
 PROFILES = {'cpu': {},
             'gpu': dict(preset='edu-small', device='cuda', corpus_size=20_000_000, max_steps=2000, batch_size=32,
@@ -268,8 +269,8 @@ def stage_sample(cfg: PipelineConfig, ctx):
     return res
 
 # %% ../nbs/16_pipeline.ipynb #3afc301b
-POST_TRAINING_STEPS = {'sft': 160, 'dpo': 60, 'grpo': 40}  # at the default pre-training length; shorter runs scale them
-# (400 SFT steps solve the level-1 suite, 0.985 in a trial, and leave DPO and GRPO nothing to fix: see the end of the chapter)
+POST_TRAINING_STEPS = {'sft': 120, 'dpo': 60, 'grpo': 40}  # at the default pre-training length; shorter runs scale them
+# (400 SFT steps solve the level-1 suite, 0.985 in a trial, and leave DPO and GRPO little to fix: see the end of the chapter)
 
 def post_training_steps(cfg, name):
     "Steps of a post-training stage: `cfg.post_training_steps[name]` if set, else scaled by max_steps / its default (at most 1)."
@@ -329,15 +330,17 @@ def stage_sft(cfg, ctx):
     return _save_stage_model(model, m, cfg, 'sft', history={'loss': m['losses']})
 
 def stage_dpo(cfg, ctx):
-    "Pipeline stage: DPO of the SFT model on its own checker-labelled pairs, with OnTIES merging (tau = SFT - pre-trained)."
+    """Pipeline stage: DPO of the SFT model with OnTIES merging (tau = SFT - pre-trained) on checker-labelled pairs of
+    its own responses (`cfg.dpo_pairs`: by default only its mistakes, mined from 8 training prompts per step)."""
     from qwen_edu.dpo import run_dpo
     tok, model = _stage_inputs(cfg, ctx, ['sft'])
     base = _stage_inputs(cfg, ctx, [])[1]
     steps = post_training_steps(cfg, 'dpo')
-    train_ex = _post_examples(cfg, 'dpo', max(16, 4 * steps))
-    record_prompts(cfg, 'dpo', [e.prompt for e in train_ex])
+    train_ex = _post_examples(cfg, 'dpo', max(16, 8 * steps))
+    record_prompts(cfg, 'dpo', [e.prompt for e in train_ex])  # every prompt it sampled on, not only those that gave a pair
     m = run_dpo(model, tok, steps=steps, lr=cfg.dpo_lr, base_model=base, optimizer='onties', train_examples=train_ex,
-                eval_examples=monitor_examples(cfg, pipeline_suite(cfg)), seed=cfg.seed, **_device_args(cfg))
+                eval_examples=monitor_examples(cfg, pipeline_suite(cfg)), seed=cfg.seed, pairs=cfg.dpo_pairs,
+                **_device_args(cfg))
     return _save_stage_model(model, m, cfg, 'dpo', history=m['history'])
 
 def stage_grpo(cfg, ctx):
@@ -447,6 +450,8 @@ def validate_pipeline(cfg: PipelineConfig) -> dict:
                          f"got {tf!r}; fix --task-fraction")
     if not is_int(cfg.eval_prompts) or cfg.eval_prompts < 1:
         raise ValueError(f"eval_prompts must be a positive int, got {cfg.eval_prompts!r}; fix --eval-prompts")
+    from qwen_edu.dpo import PAIR_KINDS
+    if cfg.dpo_pairs not in PAIR_KINDS: raise ValueError(f"dpo_pairs must be one of {PAIR_KINDS}, got {cfg.dpo_pairs!r}; fix --dpo-pairs")
     for k in ('sft_lr', 'dpo_lr', 'grpo_lr'):
         v = getattr(cfg, k)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
@@ -599,6 +604,9 @@ def write_report_md(ctx, run_dir) -> Path:
     if 'dpo' in ctx and 'heldout_pref_accuracy_after' in ctx['dpo']:
         d = ctx['dpo']
         ci = d.get('heldout_pref_accuracy_ci95')
+        if 'train_pairs' in d and 'train_prompts' in d:
+            kind = "the SFT model's own mistakes on" if d.get('pairs') == 'own' else "a pair per prompt from"
+            L += [f"DPO trained on {d['train_pairs']} pairs: {kind} {d['train_prompts']} training prompts.", ""]
         L += [f"DPO: held-out preference accuracy {d['heldout_pref_accuracy_before']:.2f} -> {d['heldout_pref_accuracy_after']:.2f} "
               + (f"[{ci[0]:.2f}, {ci[1]:.2f}] " if ci else "")
               + f"on {d['heldout_pairs']} pairs (0.5 = cannot tell chosen from rejected; 95% bootstrap over pairs).", ""]
@@ -671,7 +679,7 @@ def pipeline_cli(argv=None):
     if profile not in PROFILES:
         print(f"qwen-edu pipeline: error: unknown --profile {profile!r}; choose from {sorted(PROFILES)}", file=sys.stderr); return 2
     p = train_parser(PipelineConfig, prog='qwen-edu pipeline')
-    p.add_argument('--profile', default='cpu', choices=sorted(PROFILES), help="named defaults: 'cpu' (edu-tiny, ~10 CPU "
+    p.add_argument('--profile', default='cpu', choices=sorted(PROFILES), help="named defaults: 'cpu' (edu-mini, ~10 CPU "
                    "minutes) or 'gpu' (edu-small on one GPU, ~10 minutes); explicit flags override them")
     p.set_defaults(**PROFILES[profile])
     a = vars(p.parse_args(argv)); a.pop('profile')

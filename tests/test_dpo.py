@@ -223,6 +223,54 @@ def test_run_dpo_entry_point(tiny, tmp_path):
     assert (tmp_path / 'dpo_model.safetensors').exists() and (tmp_path / 'dpo_metrics.json').exists()
 
 
+def test_own_mistake_pair_rules():
+    "Rejected: the greedy answer when it fails, else the first failing sample; chosen: a passing sample, else the solution."
+    from qwen_edu.dpo import own_mistake_pair
+    from qwen_edu.tasks import make_examples, score
+    ex = make_examples('word', 1, seed=3, split='train')[0]
+    ok, w1, w2 = ex.solution, ex.solution + '0', ex.solution + '1'  # 'Answer: 70': a different number
+    assert score(ex, ok) == 1.0 and score(ex, w1) == score(ex, w2) == 0.0
+    assert own_mistake_pair(ex, ok, [ok, ok, ok]) is None  # nothing to correct
+    assert own_mistake_pair(ex, ok, []) is None
+    p = own_mistake_pair(ex, ok, [ok + ' ', w1, w2])  # a sampled mistake; the passing sample is chosen
+    assert (p.chosen, p.rejected) == (ok + ' ', w1)
+    p = own_mistake_pair(ex, w2, [w1, ok])  # the greedy mistake comes first
+    assert (p.chosen, p.rejected) == (ok, w2)
+    p = own_mistake_pair(ex, w2, [w1])  # no passing sample: the reference solution
+    assert (p.chosen, p.rejected) == (ex.solution, w2)
+    p = own_mistake_pair(ex, w2, [w1, ok], usable=lambda r: r != w2)  # an unusable greedy answer is skipped
+    assert p.rejected == w1
+    assert own_mistake_pair(ex, w2, [ok], usable=lambda r: r == ok) is None
+
+
+def test_own_mistake_pairs_reject_the_models_own_answers(tiny):
+    "On a real (untrained) model every pair's rejected side is a response the model gave; greedy mistakes come first."
+    from qwen_edu.dpo import own_mistake_pairs
+    from qwen_edu.sft import generate_responses
+    from qwen_edu.tasks import score
+    tok, model = tiny
+    exs = make_examples_('arith', 6)
+    pairs = own_mistake_pairs(model, tok, exs, k=2, max_new_tokens=8, seed=0)
+    greedy = {e.prompt: r[0] for e, r in zip(exs, generate_responses(model, tok, exs, 1, 0.0, 8, 0))}
+    samples = {e.prompt: r for e, r in zip(exs, generate_responses(model, tok, exs, 2, 1.0, 8, 0))}
+    assert pairs and len(pairs) <= len(exs)
+    for p in pairs:
+        g = greedy[p.example.prompt]
+        assert score(p.example, p.rejected) == 0.0 and score(p.example, p.chosen) == 1.0
+        assert p.rejected == g if score(p.example, g) == 0.0 else p.rejected in samples[p.example.prompt]
+
+
+def test_run_dpo_pair_kinds(tiny):
+    from qwen_edu.dpo import run_dpo
+    tok, model = tiny
+    m = run_dpo(copy.deepcopy(model), tok, steps=1, n_train=6, n_eval=4, k=2, batch_size=4)
+    assert m['pairs'] == 'own' and 0 < m['train_pairs'] <= m['train_prompts'] == 6
+    m = run_dpo(copy.deepcopy(model), tok, steps=1, n_train=6, n_eval=4, k=2, batch_size=4, pairs='sampled')
+    assert m['pairs'] == 'sampled' and m['train_pairs'] == 6  # a pair per prompt (corrupted answers as fallbacks)
+    with pytest.raises(ValueError, match=r"pairs='mine': choose from \('own', 'sampled'\)"):
+        run_dpo(copy.deepcopy(model), tok, steps=1, pairs='mine')
+
+
 def test_reference_logps_share_the_policys_precision(tiny, monkeypatch):
     "Under bf16 autocast the frozen reference is scored in bf16 too: at the first step policy == reference, loss = log 2."
     import qwen_edu.dpo as D

@@ -151,6 +151,7 @@ def test_edu_tiny_passes_and_the_memory_check_can_be_skipped(tmp_path, monkeypat
     (dict(lr=float('nan')), 'lr must be a finite number > 0'),
     (dict(lr=0.0), 'lr must be a finite number > 0'),
     (dict(sample_prompt=''), 'sample_prompt must be a non-empty string'),
+    (dict(dpo_pairs='mine'), r"dpo_pairs must be one of \('own', 'sampled'\), got 'mine'; fix --dpo-pairs"),
     (dict(stages='tokenizer,,pretrian'), r"unknown stage\(s\) \['pretrian'\]"),
     (dict(train_overrides={'grad_acum': 2}), r"unknown --train-overrides field\(s\) \['grad_acum'\]"),
     (dict(train_overrides={'max_steps': 5}), r"--train-overrides sets 'max_steps'.*use --max-steps"),
@@ -301,10 +302,14 @@ def test_full_run_reports_every_model_on_the_suite_and_never_trains_on_it(tmp_pa
     assert list(ev['changes']) == ['base->sft', 'sft->dpo', 'dpo->grpo']
     lo, hi = rep['dpo']['heldout_pref_accuracy_ci95']  # the stage keeps its interval
     assert lo <= rep['dpo']['heldout_pref_accuracy_after'] <= hi
+    d = rep['dpo']  # DPO trains on the SFT model's own mistakes among 8 prompts per step (at least 16), all recorded
+    assert d['pairs'] == 'own' and 0 < d['train_pairs'] <= d['train_prompts'] == 16
+    assert len(json.loads((run / 'dpo' / 'train_prompts.json').read_text())) == 16
     scores = json.loads((run / 'eval' / 'scores.json').read_text())
     for m in ('base', 'sft', 'dpo', 'grpo'): assert sum(scores[m]) / len(scores[m]) == pytest.approx(ev[m]['accuracy'])
     assert ev['changes']['sft->dpo']['delta'] == pytest.approx(ev['dpo']['accuracy'] - ev['sft']['accuracy'])
     md = (run / 'report.md').read_text()
+    assert "own mistakes on 16 training prompts" in md
     assert '| grpo |' in md and (run / 'accuracy.png').exists() and (run / 'post_training.png').exists()
     for s in ('data', 'sft', 'dpo', 'grpo'): assert json.loads((run / s / 'train_prompts.json').read_text())
     assert rep['data']['task_share'] > 0.2
