@@ -304,7 +304,8 @@ def test_full_run_reports_every_model_on_the_suite_and_never_trains_on_it(tmp_pa
     assert lo <= rep['dpo']['heldout_pref_accuracy_after'] <= hi
     d = rep['dpo']  # DPO trains on the SFT model's own mistakes among 8 prompts per step (at least 16), all recorded
     assert d['pairs'] == 'own' and 0 < d['train_pairs'] <= d['train_prompts'] == 16
-    assert len(json.loads((run / 'dpo' / 'train_prompts.json').read_text())) == 16
+    from qwen_edu.pipeline import _post_examples
+    assert set(json.loads((run / 'dpo' / 'train_prompts.json').read_text())) == {e.prompt for e in _post_examples(PipelineConfig(), 'dpo', 16)}
     scores = json.loads((run / 'eval' / 'scores.json').read_text())
     for m in ('base', 'sft', 'dpo', 'grpo'): assert sum(scores[m]) / len(scores[m]) == pytest.approx(ev[m]['accuracy'])
     assert ev['changes']['sft->dpo']['delta'] == pytest.approx(ev['dpo']['accuracy'] - ev['sft']['accuracy'])
