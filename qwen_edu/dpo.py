@@ -222,9 +222,9 @@ def run_dpo(model, tokenizer, out_dir=None, steps=120, base_model=None, optimize
     import time
     from qwen_edu.reward import make_preference_pairs
     from qwen_edu.sft import save_stage, task_accuracy
-    if pairs not in PAIR_KINDS: raise ValueError(f"pairs={pairs!r}: choose from {PAIR_KINDS}")
     from qwen_edu.tasks import make_examples
     from qwen_edu.engine import init_distributed
+    if pairs not in PAIR_KINDS: raise ValueError(f"pairs={pairs!r}: choose from {PAIR_KINDS}")
     t0 = time.time()
     if device is not None:  # the optimizer below holds tensors shaped like the weights: built where they live
         model.to(init_distributed(device)[2])
