@@ -43,7 +43,7 @@ def run_trial(base: Path, name: str, fields: dict) -> dict:
     t0 = time.perf_counter()
     ctx = run_pipeline(cfg)
     ev, dpo = ctx['eval'], ctx['dpo']
-    return dict(config={k: v for k, v in fields.items()}, seconds=round(time.perf_counter() - t0, 1),
+    return dict(config=dict(fields), seconds=round(time.perf_counter() - t0, 1),
                 suite=ev['suite'], accuracy={k: {f: ev[k][f] for f in ('accuracy', 'ci95', 'n')} for k in ('base', 'sft', 'dpo', 'grpo')},
                 changes=ev['changes'], dpo=dict(pairs=dpo.get('pairs'), train_prompts=dpo.get('train_prompts'),
                 train_pairs=dpo['train_pairs'], pref_accuracy=[dpo['heldout_pref_accuracy_before'], dpo['heldout_pref_accuracy_after']],
